@@ -1,0 +1,3 @@
+from instaprune.cli import main
+
+raise SystemExit(main())

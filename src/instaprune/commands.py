@@ -1,0 +1,237 @@
+"""Implementations of the CLI subcommands: load files, call the library, render results.
+
+Only this module and ``cli.py`` print; the library returns data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["cmd_points", "cmd_train", "cmd_analyze", "cmd_calibrate", "cmd_evaluate", "cmd_demo"]
+
+
+def _out(text: str = "") -> None:
+    print(text)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None, dynamic_ncols=True)
+
+
+def _load(args: argparse.Namespace):
+    from .pipeline import load_model
+
+    return load_model(args.model, args.checkpoint, args.num_classes)
+
+
+def _points(args: argparse.Namespace, lm, input_size: int | None = None):
+    from .pipeline import discover
+
+    pre = lm.pre if input_size is None else replace(lm.pre, input_size=input_size)
+    return discover(lm.model, pre, args.include, args.exclude, args.shortcuts)
+
+
+def _out_dir(args: argparse.Namespace, default: str) -> Path:
+    from .cli import save_resolved
+
+    out = Path(args.output_dir or default)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(args, out)
+    return out
+
+
+def _calib_cfg(args: argparse.Namespace):
+    from .calibrate import CalibrationConfig
+    from .masked import ThresholdConfig
+
+    return CalibrationConfig(target=args.target, search=args.search, tolerance=args.tolerance,
+                             thresholds=ThresholdConfig(args.mode, args.min_keep), search_images=args.search_images)
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    lm = _load(args)
+    rep = _points(args, lm, args.input_size)
+    rows = [[p.name, p.kind, p.channels, f"{p.height}x{p.width}", f"{100 * p.macs / rep.dense_macs:.2f}%",
+             p.source] for p in rep.points]
+    _out(_table(rows, ["point", "kind", "C", "HxW", "MACs share", "reads output of"]))
+    _out(f"\n{len(rep.points)} prune points; dense {rep.dense_macs:,} MACs ({2 * rep.dense_macs:,} FLOPs) per "
+         f"image at {rep.input_shape[2]}x{rep.input_shape[3]}")
+    for p, why in rep.disabled:
+        _out(f"disabled: {p.name}: {why}")
+    for name, why in rep.skipped:
+        _out(f"skipped:  {name}: {why}")
+    if args.output_dir:
+        from .io import atomic_write_json
+
+        out = _out_dir(args, args.output_dir)
+        atomic_write_json(out / "points.json", {
+            "model": args.model, "dense_macs": rep.dense_macs, "fingerprint": rep.fingerprint(),
+            "points": [p.to_dict() for p in rep.points],
+            "disabled": [{"name": p.name, "reason": w} for p, w in rep.disabled],
+            "skipped": [{"name": n, "reason": w} for n, w in rep.skipped]})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .io import atomic_write_json
+    from .pipeline import calibrate_plan, load_split
+    from .regularizer import FeatureDecayConfig
+    from .train import TrainConfig, evaluate_top1, train
+
+    lm = _load(args)
+    out = _out_dir(args, "runs/train")
+    data = load_split(args.data_path, lm.pre, args.holdout, "train", args.split_seed)
+    val = load_split(args.data_path, lm.pre, args.holdout, "holdout", args.split_seed) if args.holdout else None
+    lm.pre = replace(lm.pre, class_names=data.class_names)
+    points = _points(args, lm)
+    decay = FeatureDecayConfig(args.lam, args.penalty, args.weights)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, augment=None if args.augment == "none" else args.augment,
+                      amp=args.amp, accumulate=args.accumulate, seed=args.seed, decay=decay)
+    if args.prune_aware_epochs and not args.holdout:
+        raise ConfigError("--prune-aware-epochs needs --holdout (the calibration split)")
+    bar = _bar(cfg.epochs * max(len(data) // cfg.batch_size, 1), "train")
+
+    def progress(d: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=d["epoch"] + 1, loss=f"{d['loss']:.3f}", decay=f"{d['decay']:.3f}")
+
+    res = train(lm.model, data, cfg, points, lm.pre, out, val, args.resume, progress=progress)
+    bar.close()
+    metrics: dict[str, Any] = {"epochs": cfg.epochs, "seconds": res.seconds, "history": res.history}
+    if args.prune_aware_epochs:
+        from .masked import MaskedModel
+
+        ccfg = _calib_cfg(args)
+        plan, _ = calibrate_plan(lm, points, val, ccfg, args.select)
+        masked = MaskedModel(lm.model, points, plan.taus, plan.thresholds)
+        pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.lr * 0.1,
+                     decay=replace(decay, lam=args.prune_aware_lam))
+        res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, masked=masked)
+        masked.remove()
+        plan, _ = calibrate_plan(lm, points, val, ccfg, args.select)
+        plan.save(out / "plan.json")
+        metrics["prune_aware_history"] = res2.history
+        metrics["calibration"] = plan.calibration
+    meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
+            "preprocessing": lm.pre.to_dict(), "train_config": cfg.to_dict()}
+    save_checkpoint(out / "model.pt", lm.model, meta)
+    if val is not None:
+        metrics["val_top1"] = evaluate_top1(lm.model, val, lm.pre)
+    atomic_write_json(out / "metrics.json", metrics)
+    _out(f"trained {cfg.epochs} epochs in {res.seconds:.0f}s -> {out / 'model.pt'}"
+         + (f" (val top-1 {metrics['val_top1']:.4f})" if val is not None else ""))
+    return 0
+
+
+def _num_classes(model) -> int:
+    import torch
+
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return last[-1].out_features if last else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json
+    from .pipeline import analyze_and_select, cached_batches, load_split
+    from .report import write_plots
+
+    lm = _load(args)
+    out = _out_dir(args, "runs/analyze")
+    data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all", args.split_seed)
+    if args.max_images and args.max_images < len(data):
+        data = data.subset(list(range(args.max_images)))
+    points = _points(args, lm)
+    stats, _ = analyze_and_select(lm.model, points, cached_batches(data, lm.pre, args.batch_size))
+    table = stats.table(points)
+    _out(_table([[r["name"], r["channels"], f"{100 * r['macs_share']:.2f}%", f"{r['cv']:.3f}", r["dead"]]
+                 for r in table], ["point", "C", "MACs share", "CV", "dead"]))
+    atomic_write_json(out / "analysis.json", {"model": args.model, "images": stats.n, "points": table,
+                                              "stats": stats.to_dict()})
+    write_plots(out, cv_table=table)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .pipeline import calibrate_plan, load_split
+
+    lm = _load(args)
+    out = _out_dir(args, "runs/calibrate")
+    data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all", args.split_seed)
+    points = _points(args, lm)
+    plan, _ = calibrate_plan(lm, points, data, _calib_cfg(args), args.select, args.batch_size)
+    plan.save(out / "plan.json")
+    c = plan.calibration
+    r = c["results"][c["chosen"]]
+    _out(f"plan: {len(plan.taus)} points, {c['chosen']} search, calibration top-1 {r['top1']:.4f} "
+         f"(dense {c['dense_top1']:.4f}) at FLOPs reduction {r['flops_reduction']:.3f} -> {out / 'plan.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_and_report, load_model, load_split
+    from .plan import Plan
+    from .train import evaluate_top1
+
+    lm = _load(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        if args.scale is not None:
+            plan = plan.with_scale(args.scale)
+        lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
+    out = _out_dir(args, "runs/evaluate")
+    # with --holdout, evaluate on the remainder: never on the calibration images
+    data = load_split(args.data_path, lm.pre, args.holdout, "train" if args.holdout else "all", args.split_seed)
+    points = _points(args, lm)
+    if plan is not None:
+        plan.check(points, args.model)
+    baseline = args.baseline_top1
+    if args.baseline_checkpoint:
+        base = load_model(args.model, args.baseline_checkpoint, args.num_classes)
+        baseline = evaluate_top1(base.model, data, lm.pre)
+    res = evaluate_and_report(lm, points, data, out, plan, baseline, batch_size=args.batch_size,
+                              extra={"model": args.model})
+    m = res.metrics
+    line = f"dense top-1 {m['dense_top1']:.4f}"
+    if "top1" in m:
+        line += (f", dynamic top-1 {m['top1']:.4f} at FLOPs reduction {m['flops_reduction']:.3f} "
+                 f"(p10 {m['flops_reduction_p10']:.3f}, p90 {m['flops_reduction_p90']:.3f})")
+    _out(line + f" on {m['images']} images -> {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    bar = _bar(0, "demo")
+
+    def progress(stage: str) -> None:
+        bar.set_description(f"demo: {stage}")
+        bar.refresh()
+
+    metrics = run_demo(args.output_dir, seed=args.seed, target=args.target, progress=progress)
+    bar.close()
+    keys = ("baseline_top1", "dense_top1", "top1", "flops_reduction", "per_image_flops_p90_over_p10",
+            "spearman_difficulty_flops", "seconds")
+    _out(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    _out(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0

@@ -1,0 +1,160 @@
+"""Saliency, dynamic thresholds and the masked *reference* dynamic model (METHOD.md sections 2, 4, 7).
+
+The masked model zeroes each instance's weak channels at the selected prune points (forward pre-hooks on the
+consumers) and counts the MACs each instance would cost. It computes everything densely: it defines *what* is
+pruned; ``engine.py`` makes it fast and is tested against this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .flops import dynamic_macs
+from .points import PointReport, PrunePoint
+
+__all__ = ["THRESHOLD_MODES", "ThresholdConfig", "saliency", "reference", "keep_mask", "MaskedModel"]
+
+THRESHOLD_MODES = ("max", "mean", "one")
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """Channel c of instance i is kept iff ``s[i,c] > tau * ref(s[i,:])``, plus a floor of ``min_keep``.
+
+    mode: ``max`` / ``mean`` (relative to the instance's own saliencies) or ``one`` (absolute threshold).
+    min_keep: fraction of the point's channels always kept (the strongest ones; at least one channel).
+    """
+
+    mode: str = "max"
+    min_keep: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise ConfigError(f"threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise ConfigError(f"min_keep must be in [0, 1], got {self.min_keep}")
+
+    def floor(self, channels: int) -> int:
+        return max(1, min(channels, math.ceil(self.min_keep * channels)))
+
+
+def saliency(x: torch.Tensor) -> torch.Tensor:
+    """``s[i,c] = ||X[i,c]||_2 / sqrt(H*W)`` (RMS of each channel map); ``|x|`` for flat (N, C) inputs."""
+    if x.dim() == 2:
+        return x.abs()
+    return x.pow(2).mean(dim=tuple(range(2, x.dim()))).sqrt()
+
+
+def reference(s: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-instance reference value (N, 1) that tau multiplies."""
+    if mode == "max":
+        return s.amax(dim=1, keepdim=True)
+    if mode == "mean":
+        return s.mean(dim=1, keepdim=True)
+    return torch.ones_like(s[:, :1])
+
+
+def keep_mask(s: torch.Tensor, tau: float, cfg: ThresholdConfig) -> torch.Tensor:
+    """Boolean keep mask (N, C) for saliencies ``s`` (N, C)."""
+    keep = s > tau * reference(s, cfg.mode)
+    k = cfg.floor(s.shape[1])
+    if k > 0:
+        top = s.topk(k, dim=1).indices
+        keep = keep.scatter(1, top, True)
+    return keep
+
+
+class MaskedModel(nn.Module):
+    """Reference dynamic model: the wrapped model with per-instance channel masks at the selected points.
+
+    ``taus`` maps point names to thresholds (the selected points); ``scale`` multiplies every tau (a run-time
+    knob trading accuracy for speed). After each forward, ``active`` holds the number of kept channels per point
+    (N,), ``masks`` the keep masks when ``record_masks`` is set, and ``instance_macs()`` the per-instance MACs.
+    ``forced`` (point -> bool mask (N, C)) overrides the thresholds (used to test the fast engine).
+    Gradients flow through the kept channels, so the same object serves prune-aware fine-tuning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        points: PointReport,
+        taus: Mapping[str, float],
+        cfg: ThresholdConfig | None = None,
+        scale: float = 1.0,
+        record_masks: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.report = points
+        self.cfg = cfg or ThresholdConfig()
+        self.scale = float(scale)
+        self.record_masks = record_masks
+        self.forced: dict[str, torch.Tensor] | None = None
+        self.enabled = True
+        by_name = points.by_name()
+        unknown = [n for n in taus if n not in by_name]
+        if unknown:
+            raise ConfigError(f"thresholds given for unknown prune points: {', '.join(unknown[:5])}")
+        self.taus = {n: float(t) for n, t in taus.items()}
+        self.selected: list[PrunePoint] = [by_name[n] for n in points.names() if n in self.taus]
+        self._batch = 0
+        self.active: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._handles = [
+            modules[p.name].register_forward_pre_hook(self._hook(p.name)) for p in self.selected
+        ]
+
+    def _hook(self, name: str):
+        def hook(m: nn.Module, args: tuple):
+            if not self.enabled:
+                return None
+            x = args[0]
+            if self.forced is not None:
+                keep = self.forced[name].to(torch.bool)
+            else:
+                with torch.no_grad():
+                    keep = keep_mask(saliency(x.detach()), self.taus[name] * self.scale, self.cfg)
+            self.active[name] = keep.sum(dim=1)
+            if self.record_masks:
+                self.masks[name] = keep
+            shape = keep.shape + (1,) * (x.dim() - 2)
+            return (x * keep.view(shape).to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def set_taus(self, taus: Mapping[str, float], scale: float | None = None) -> None:
+        for n, t in taus.items():
+            if n not in self.taus:
+                raise ConfigError(f"prune point {n!r} is not selected in this masked model")
+            self.taus[n] = float(t)
+        if scale is not None:
+            self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.active = {}
+        self.masks = {}
+        self._batch = x.shape[0]
+        return self.model(x)
+
+    def instance_macs(self) -> torch.Tensor:
+        """Per-instance MACs (without overhead) of the last forward."""
+        if not self.active:
+            return torch.full((self._batch,), float(self.report.dense_macs), dtype=torch.float64)
+        return dynamic_macs(self.report.dense_macs, self.selected, self.active)
+
+    def overhead_macs(self) -> int:
+        return sum(p.overhead_macs for p in self.selected)
+
+    def remove(self) -> nn.Module:
+        """Detach the hooks and return the plain model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.model

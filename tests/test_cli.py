@@ -1,0 +1,148 @@
+"""The command line end to end, and every bad input: one line on stderr, exit code 2, no traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR_TEST, RESNET20, require_shared
+from instaprune.cli import main
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("instaprune: error:")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(12):
+            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_help_and_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "instaprune", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for cmd in ("train", "points", "analyze", "calibrate", "evaluate", "demo"):
+        assert cmd in r.stdout
+    r = subprocess.run([sys.executable, "-m", "instaprune", "calibrate", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert "--target" in r.stdout and "--data-path" in r.stdout
+
+
+def test_points_lists_every_point(capsys, tmp_path):
+    code, out, _ = run(["points", "--model", "resnet20", "--output-dir", tmp_path], capsys)
+    assert code == 0
+    assert "layer3.2.conv2" in out and "19 prune points" in out and "skipped:  conv1" in out
+    data = json.loads((tmp_path / "points.json").read_text())
+    assert len(data["points"]) == 19 and (tmp_path / "config.yaml").is_file()
+
+
+def test_train_analyze_calibrate_evaluate_on_folder(capsys, tmp_path, tiny_folder):
+    run_dir = tmp_path / "train"
+    code, out, err = run(["train", "--model", "tiny_resnet", "--data-path", tiny_folder, "--holdout", 12,
+                          "--epochs", 1, "-b", 8, "--lr", 0.05, "--lam", 0.5, "--output-dir", run_dir], capsys)
+    assert code == 0, err
+    assert (run_dir / "model.pt").is_file() and (run_dir / "metrics.jsonl").is_file()
+    ckpt = run_dir / "model.pt"
+    code, out, err = run(["analyze", "--model", "tiny_resnet", "--checkpoint", ckpt, "--data-path", tiny_folder,
+                          "--holdout", 12, "--output-dir", tmp_path / "an"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "an" / "analysis.json").read_text())["images"] == 12
+    code, out, err = run(["calibrate", "--model", "tiny_resnet", "--checkpoint", ckpt, "--data-path", tiny_folder,
+                          "--holdout", 12, "--target", 0.3, "--search", "shared", "--output-dir", tmp_path / "cal"],
+                         capsys)
+    assert code == 0, err
+    plan = tmp_path / "cal" / "plan.json"
+    code, out, err = run(["evaluate", "--model", "tiny_resnet", "--checkpoint", ckpt, "--data-path", tiny_folder,
+                          "--holdout", 12, "--plan", plan, "--baseline-top1", 0.5, "--output-dir", tmp_path / "ev"],
+                         capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["images"] == 24 and 0 <= m["top1"] <= 1 and "flops_reduction_p90" in m
+    assert (tmp_path / "ev" / "report.md").is_file() and (tmp_path / "ev" / "flops_histogram.png").is_file()
+    # the YAML config supplies options; explicit flags override it
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: tiny_resnet\ndata-path: {tiny_folder}\ncheckpoint: {ckpt}\ntarget: 0.9\n")
+    code, out, err = run(["--config", cfg, "calibrate", "--target", "1.5", "--output-dir", tmp_path / "c2"], capsys)
+    assert_clean_error(code, err, "target")
+
+
+def test_resnet20_reference_accuracy(capsys, tmp_path):
+    require_shared()
+    code, out, err = run(["evaluate", "--model", "resnet20", "--checkpoint", RESNET20, "--data-path", CIFAR_TEST,
+                          "--output-dir", tmp_path, "-b", 500], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["images"] == 10000
+    assert 0.807 <= m["dense_top1"] <= 0.813
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_folder):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty").mkdir()
+    corrupt = d / "corrupt"
+    (corrupt / "a").mkdir(parents=True)
+    (corrupt / "a" / "ok.png").write_bytes((tiny_folder / "class0" / "0.png").read_bytes())
+    (corrupt / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (d / "garbage.th").write_bytes(b"\x00\x01garbage" * 50)
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(16, 3, 3, 3)}}, d / "partial.th")
+    (d / "plan.json").write_text("{}")
+    return d
+
+
+def test_bad_inputs_fail_cleanly(capsys, tmp_path, tiny_folder, bad_files):
+    out = tmp_path / "out"
+    base = ["evaluate", "--model", "resnet20", "--output-dir", out]
+    cases = [
+        (base + ["--data-path", tmp_path / "nope"], "not found"),
+        (base + ["--data-path", bad_files / "empty"], "no images"),
+        (base + ["--data-path", bad_files / "corrupt"], "broken.jpg"),
+        (base + ["--data-path", tiny_folder, "--checkpoint", bad_files / "garbage.th"], "cannot read"),
+        (base + ["--data-path", tiny_folder, "--checkpoint", tmp_path / "missing.th"], "not found"),
+        (base + ["--data-path", tiny_folder, "--checkpoint", bad_files / "partial.th"], "missing"),
+        (["points", "--model", "resnet21"], "resnet21"),
+        (["train", "--model", "tiny_resnet", "--data-path", tiny_folder, "--lam", "-1", "--output-dir", out],
+         "lambda"),
+        (["calibrate", "--model", "tiny_resnet", "--data-path", tiny_folder, "--target", "0", "--output-dir", out],
+         "target"),
+        (base + ["--data-path", tiny_folder, "--plan", bad_files / "plan.json"], "plan"),
+        (["--config", tmp_path / "missing.yaml", "points", "--model", "resnet20"], "config"),
+    ]
+    for args, needle in cases:
+        code, _, err = run(args, capsys)
+        assert_clean_error(code, err, needle)
+    assert not (out / "metrics.json").exists()  # nothing half-written
+
+
+def test_plan_for_another_model_rejected(capsys, tmp_path, tiny_folder):
+    code, _, err = run(["calibrate", "--model", "tiny_resnet", "--data-path", tiny_folder, "--target", "0.3",
+                        "--search", "shared", "--output-dir", tmp_path], capsys)
+    assert code == 0, err
+    code, _, err = run(["evaluate", "--model", "resnet20", "--data-path", tiny_folder, "--plan",
+                        tmp_path / "plan.json", "--output-dir", tmp_path / "ev"], capsys)
+    assert_clean_error(code, err, "tiny_resnet", "resnet20")
+    assert not (Path(tmp_path) / "ev" / "metrics.json").exists()
