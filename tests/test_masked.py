@@ -76,13 +76,17 @@ def test_masking_zeroes_only_the_consumer_input():
     x = torch.randn(2, 3, 32, 32)
     rep = find_prune_points(model, x[:1])
     seen = {}
-    model.layer1[0].conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("conv1_in", a[0].clone()))
     mm = MaskedModel(model, rep, {"layer1.0.conv1": 0.9}, ThresholdConfig("max", 0.0), record_masks=True)
+    # registered after the mask hook: sees what the consumer reads
+    model.layer1[0].conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("conv1_in", a[0].clone()))
+    model.layer1[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("block_in", a[0].clone()))
     mm(x)
     keep = mm.masks["layer1.0.conv1"]
     assert keep.sum() < keep.numel()
     dropped = ~keep
-    assert (seen["conv1_in"].permute(1, 0, 2, 3)[dropped.t()].abs().sum() == 0)
+    assert seen["conv1_in"].permute(1, 0, 2, 3)[dropped.t()].abs().sum() == 0
+    # the residual stream itself (read by the shortcut) is untouched
+    assert seen["block_in"].permute(1, 0, 2, 3)[dropped.t()].abs().sum() > 0
     # instance MACs reflect the kept channels of that point only
     p = rep.by_name()["layer1.0.conv1"]
     expect = rep.dense_macs - (p.channels - keep.sum(1)).double() * p.macs_per_channel

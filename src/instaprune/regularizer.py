@@ -82,7 +82,7 @@ class FeatureDecay:
         self.weights = layer_weights(points, cfg.weights)
         self.enabled = True
         self._terms: list[torch.Tensor] = []
-        self._values: dict[str, float] = {}
+        self._values: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         self._handles = [
             modules[p.name].register_forward_pre_hook(self._hook(p.name), prepend=True) for p in points
@@ -95,7 +95,7 @@ class FeatureDecay:
             x = args[0].float()
             term = penalty(saliency(x), self.cfg.penalty).mean() * self.weights[name]
             self._terms.append(term)
-            self._values[name] = float(term.detach())
+            self._values[name] = term.detach()
             return None
 
         return hook
@@ -110,7 +110,7 @@ class FeatureDecay:
 
     def last_values(self) -> dict[str, float]:
         """Unscaled weighted per-point terms of the last forward (for logging)."""
-        return dict(self._values)
+        return {k: float(v) for k, v in self._values.items()}
 
     def remove(self) -> None:
         for h in self._handles:

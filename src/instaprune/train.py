@@ -151,13 +151,13 @@ def train(
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 n = x.shape[0]
-                tot_loss += float(ce) * n
-                tot_decay += float(reg) * n
+                tot_loss += float(ce.detach()) * n
+                tot_decay += float(reg.detach()) * n
                 correct += float((logits.argmax(1) == y).sum())
                 seen += n
                 if progress is not None:
-                    progress({"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": float(ce),
-                              "decay": float(reg), "lr": lr})
+                    progress({"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": float(ce.detach()),
+                              "decay": float(reg.detach()), "lr": lr})
             opt.zero_grad(set_to_none=True)
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": tot_loss / max(seen, 1),
                    "decay_term": tot_decay / max(seen, 1), "train_top1": correct / max(seen, 1),
