@@ -222,6 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _out_dir(args, args.output_dir)
     bar = _bar(0, "demo")
 
     def progress(stage: str) -> None:
