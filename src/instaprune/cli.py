@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", help="resume from a checkpoint.pt written by a previous run")
+    p.add_argument("--resume", help="resume from a checkpoint.pt written by a previous run ('auto': "
+                   "<output-dir>/checkpoint.pt if it exists; torchrun elastic restarts do this by themselves)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N optimizer steps "
+                   "(atomically; a crash loses at most N steps; 0 = at epoch ends only)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm in eval mode while training "
+                   "(frozen running statistics)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes under torchrun "
+                   "(CUDA/nccl only)")
     p.add_argument("--prune-aware-epochs", type=int, default=0, help="extra epochs with calibrated masks "
                    "applied in the forward pass (needs --target and --holdout for calibration)")
     p.add_argument("--prune-aware-lam", type=float, default=0.0, help="lambda during the prune-aware phase")
@@ -114,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, help="override the plan's global threshold scale")
     p.add_argument("--baseline-top1", type=float, help="accuracy of the model before feature decay")
     p.add_argument("--baseline-checkpoint", help="checkpoint of the model before feature decay (evaluated)")
+
+    p = sub.add_parser("export", help="export the dynamic model (a plan's per-image masks) with torch.export "
+                       "and to ONNX, plus portable weights (safetensors) and the plan")
+    _common_model(p, data=False)
+    p.add_argument("--plan", help="plan.json from 'instaprune calibrate' (checked against the model; without "
+                   "it the dense model is exported)")
+    p.add_argument("--scale", type=float, help="override the plan's global threshold scale (baked in)")
+    p.add_argument("--format", choices=("all", "pt2", "onnx"), default="all", help="torch.export program "
+                   "(model.pt2), ONNX (model.onnx) or both")
+    p.add_argument("--input-size", type=int, help="input resolution (default: the plan's, else the model's)")
+    p.add_argument("--return-active", action="store_true", help="second output: kept channels per image and "
+                   "selected point")
+    p.add_argument("--no-verify", action="store_true", help="skip running the exported files against PyTorch")
 
     p = sub.add_parser("demo", help="the whole pipeline on a generated dataset, no files needed")
     p.add_argument("--output-dir", default="instaprune-demo", help="run directory")
@@ -142,7 +162,7 @@ def _apply_yaml(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpars
         subs = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
         command = next((a for a in rest if a in subs), None)
         if command is None:
-            raise ConfigError("give the command (train, points, analyze, calibrate, evaluate, demo) with --config")
+            raise ConfigError(f"give the command ({', '.join(subs)}) with --config")
         sub = subs[command]
         actions = {a.dest: a for a in sub._actions}
         norm = {str(k).replace("-", "_"): v for k, v in cfg.items() if k != "command"}

@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["cmd_points", "cmd_train", "cmd_analyze", "cmd_calibrate", "cmd_evaluate", "cmd_demo"]
+__all__ = ["cmd_points", "cmd_train", "cmd_analyze", "cmd_calibrate", "cmd_evaluate", "cmd_demo",
+           "cmd_export"]
 
 
 def _out(text: str = "") -> None:
@@ -29,10 +30,11 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None if enabled else True,
+                dynamic_ncols=True)
 
 
 def _load(args: argparse.Namespace):
@@ -90,13 +92,31 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
+    """Also under ``torchrun``: one process group for the run; rank 0 alone reports and writes results."""
+    from .distributed import init_from_env, shutdown
+
+    env = init_from_env()
+    ok = False
+    try:
+        code = _cmd_train(args, env)
+        ok = True
+        return code
+    finally:
+        shutdown(sync=ok)
+
+
+def _cmd_train(args: argparse.Namespace, env) -> int:
+    import torch
+
+    from .checkpoint import save_checkpoint, save_safetensors
     from .io import atomic_write_json
     from .pipeline import calibrate_plan, load_split
     from .regularizer import FeatureDecayConfig
     from .train import TrainConfig, evaluate_top1, train
 
+    torch.manual_seed(args.seed)  # random initialisation reproducible (and equal for 1 or N processes)
     lm = _load(args)
+    lm.model.to(env.device)
     out = _out_dir(args, "runs/train")
     data = load_split(args.data_path, lm.pre, args.holdout, "train", args.split_seed)
     val = load_split(args.data_path, lm.pre, args.holdout, "holdout", args.split_seed) if args.holdout else None
@@ -106,10 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, augment=None if args.augment == "none" else args.augment,
-                      amp=args.amp, accumulate=args.accumulate, seed=args.seed, decay=decay)
+                      amp=args.amp, accumulate=args.accumulate, seed=args.seed, decay=decay,
+                      checkpoint_every=args.checkpoint_every, freeze_bn=args.freeze_bn, sync_bn=args.sync_bn)
     if args.prune_aware_epochs and not args.holdout:
         raise ConfigError("--prune-aware-epochs needs --holdout (the calibration split)")
-    bar = _bar(cfg.epochs * max(len(data) // cfg.batch_size, 1), "train")
+    bar = _bar(cfg.epochs * max(len(data) // (cfg.batch_size * env.world_size), 1), "train", env.is_main)
 
     def progress(d: dict[str, Any]) -> None:
         bar.update(1)
@@ -129,12 +150,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, masked=masked)
         masked.remove()
         plan, _ = calibrate_plan(lm, points, val, ccfg, args.select)
-        plan.save(out / "plan.json")
+        if env.is_main:
+            plan.save(out / "plan.json")
         metrics["prune_aware_history"] = res2.history
         metrics["calibration"] = plan.calibration
+    if not env.is_main:
+        return 0
+    metrics.update(world_size=res.world_size, global_batch=res.global_batch, resumed_from=res.resumed_from)
     meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
             "preprocessing": lm.pre.to_dict(), "train_config": cfg.to_dict()}
     save_checkpoint(out / "model.pt", lm.model, meta)
+    save_safetensors(out / "model.safetensors", lm.model, meta)
     if val is not None:
         metrics["val_top1"] = evaluate_top1(lm.model, val, lm.pre)
     atomic_write_json(out / "metrics.json", metrics)
@@ -235,4 +261,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "spearman_difficulty_flops", "seconds")
     _out(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
     _out(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifacts import plan_points, save_portable
+    from .export import EXPORT_FORMATS, export_model
+    from .plan import Plan
+
+    lm = _load(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None and args.scale is not None:
+        plan = plan.with_scale(args.scale)
+    size = args.input_size or (plan.preprocessing.input_size if plan is not None else lm.pre.input_size)
+    if plan is not None:
+        plan.check(plan_points(lm.model, plan, size), args.model)
+    out = _out_dir(args, "runs/export")
+    formats = EXPORT_FORMATS if args.format == "all" else (args.format,)
+    # standard-normal inputs (what normalised images look like): their masks differ from image to image
+    gen = torch.Generator().manual_seed(0)
+    probe = None if args.no_verify else torch.randn(4, 3, size, size, generator=gen)
+    res = export_model(lm.model, out, plan, size, formats=formats, return_active=args.return_active,
+                       verify_inputs=probe)
+    pre = plan.preprocessing if plan is not None else lm.pre
+    meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
+            "preprocessing": pre.to_dict()}
+    written = save_portable(out, lm.model, plan, meta)
+    files = [res.paths[k].name for k in ("pt2", "onnx") if k in res.paths]
+    files += [p.name for p in written.values()]
+    _out(f"exported {'dynamic' if plan is not None else 'dense'} {args.model} -> {out}: {', '.join(files)}")
+    for fmt, diff in res.max_abs_diff.items():
+        _out(f"  {fmt}: max |difference| to PyTorch on {len(probe)} test inputs = {diff:.3g}")
     return 0
