@@ -63,18 +63,18 @@ def test_hard_images_are_busier_than_easy_ones(data: DemoData) -> None:
     order = data.difficulty.argsort()
     easy, hard = order[:200], order[-200:]
     edge = _edge_energy(data.images)
-    # measured with this generator: 0.0254 (hardest 200) vs 0.0164 (easiest 200)
-    assert edge[hard].mean() > 1.3 * edge[easy].mean()
+    # measured with this generator: 0.0384 (hardest 200) vs 0.0166 (easiest 200)
+    assert edge[hard].mean() > 1.8 * edge[easy].mean()
     # (pixel std is not compared: the contrast-loss factor lowers it on hard images)
     # more distinct colours in hard images (coarsely quantised)
     q = (data.images // 64).long()
     codes = q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]
     distinct = torch.tensor([codes[i].unique().numel() for i in range(len(data))], dtype=torch.float32)
-    assert distinct[hard].mean() > 1.5 * distinct[easy].mean()
+    assert distinct[hard].mean() > 2.5 * distinct[easy].mean()  # measured 30.0 vs 8.4
     # difficulty correlates with edge energy across the whole set (Spearman via ranks)
     r1 = data.difficulty.argsort().argsort().double()
     r2 = edge.argsort().argsort().double()
-    assert float(torch.corrcoef(torch.stack([r1, r2]))[0, 1]) > 0.3  # measured 0.47
+    assert float(torch.corrcoef(torch.stack([r1, r2]))[0, 1]) > 0.5  # measured 0.65
 
 
 def test_easy_images_are_clean_single_objects(data: DemoData) -> None:

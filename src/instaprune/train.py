@@ -85,6 +85,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    distill: float = 0.0  # weight of the distillation term (needs a teacher): (1 - a) CE + a T^2 KL(teacher || model)
+    distill_temperature: float = 4.0
     augment: str | None = "cifar"
     augment_pad: int = 4  # zero padding of the random crop ("cifar" augmentation)
     channels_last: bool = True
@@ -104,6 +106,9 @@ class TrainConfig:
                               f"momentum={self.momentum}")
         if self.augment not in (None, "cifar", "flip"):
             raise ConfigError(f"augment must be cifar, flip or none, got {self.augment!r}")
+        if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0:
+            raise ConfigError(f"distill must be in [0, 1] and distill_temperature > 0, got {self.distill}, "
+                              f"{self.distill_temperature}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = epoch ends only), got "
                               f"{self.checkpoint_every}")
@@ -162,10 +167,19 @@ def evaluate_top1(model: nn.Module, data: ImageSet, pre: Preprocessing, batch_si
     return correct / max(seen, 1)
 
 
+def _distill_term(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term ``T^2 KL(softmax(t / T) || softmax(s / T))`` (batch mean)."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x).float() / temperature, dim=1)
+    student = F.log_softmax(logits.float() / temperature, dim=1)
+    return F.kl_div(student, target, reduction="batchmean", log_target=True) * temperature**2
+
+
 class _Trainer:
     def __init__(self, model: nn.Module, data: ImageSet, cfg: TrainConfig, points: PointReport,
                  pre: Preprocessing, out: Path | None, val: ImageSet | None, masked: MaskedModel | None,
-                 progress: Callable[[dict[str, Any]], None] | None, env: DistEnv) -> None:
+                 progress: Callable[[dict[str, Any]], None] | None, env: DistEnv,
+                 teacher: nn.Module | None = None) -> None:
         self.model, self.data, self.cfg, self.pre, self.out, self.val = model, data, cfg, pre, out, val
         self.net: nn.Module = masked if masked is not None else model
         self.progress = progress if env.is_main else None
@@ -185,6 +199,7 @@ class _Trainer:
         self.faults = faults_from_env()
         self.stop = StopOnSignal()
         self.ckpt = out / CHECKPOINT_NAME if out is not None else None
+        self.teacher = teacher.eval() if teacher is not None else None
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, path: Path) -> None:
@@ -285,6 +300,9 @@ class _Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     logits = ddp(x)
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    if self.teacher is not None and cfg.distill > 0:
+                        ce = (1 - cfg.distill) * ce + cfg.distill * _distill_term(logits, self.teacher, x,
+                                                                                   cfg.distill_temperature)
                 reg = self.decay.pop()
                 ((ce + reg) / cfg.accumulate).backward()
             if boundary:
@@ -364,6 +382,7 @@ def train(
     resume: str | Path | None = None,
     masked: MaskedModel | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; with ``masked`` (wrapping ``model``) the forward applies its
     masks (prune-aware phase). Writes ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir`` when given
@@ -377,7 +396,9 @@ def train(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     out = Path(out_dir) if out_dir is not None else None
-    tr = _Trainer(model, data, cfg, points, pre, out, val, masked, progress, env)
+    if cfg.distill > 0 and teacher is None:
+        raise ConfigError("distill > 0 needs a teacher model")
+    tr = _Trainer(model, data, cfg, points, pre, out, val, masked, progress, env, teacher)
     try:
         path = _resume_path(resume, tr.ckpt, env)
         if tr.ckpt is not None and env.is_main:
