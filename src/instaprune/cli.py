@@ -135,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "selected point")
     p.add_argument("--no-verify", action="store_true", help="skip running the exported files against PyTorch")
 
+    p = sub.add_parser("benchmark", help="latency of the fast dynamic engine against the fastest dense model "
+                       "(BN-folded or not, NCHW or channels_last), on real images or random inputs")
+    _common_model(p, data=False)
+    _points_opts(p)
+    p.add_argument("--plan", help="plan.json from 'instaprune calibrate' (without it: the BN-folded dense engine)")
+    p.add_argument("--scale", type=float, help="override the plan's global threshold scale")
+    p.add_argument("--data-path", help="images to time (ImageFolder or CIFAR batches); default: random inputs")
+    p.add_argument("--input-size", type=int, help="input resolution (default: the plan's, else the model's)")
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--threads", default="1", help="comma-separated thread counts")
+    p.add_argument("--pairs", type=int, default=7, help="dense/dynamic alternations per batched row (>= 1)")
+    p.add_argument("--max-images", type=int, default=200, help="images timed one by one at batch 1")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="auto: CPU time at 1 thread (robust to other processes), wall time above")
+
     p = sub.add_parser("demo", help="the whole pipeline on a generated dataset, no files needed")
     p.add_argument("--output-dir", default="instaprune-demo", help="run directory")
     p.add_argument("--seed", type=int, default=0, help="random seed")

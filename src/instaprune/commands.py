@@ -245,6 +245,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} must be a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import iterate_batches
+    from .engine_bench import benchmark_plan, machine
+    from .io import atomic_write_json
+    from .pipeline import load_split
+    from .plan import Plan
+
+    batches, threads = _int_list(args.batches, "--batches"), _int_list(args.threads, "--threads")
+    if args.pairs < 1 or args.max_images < 1:
+        raise ConfigError(f"--pairs and --max-images must be >= 1, got {args.pairs}, {args.max_images}")
+    lm = _load(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    size = args.input_size or (plan.preprocessing.input_size if plan is not None else None) or lm.pre.input_size
+    if plan is not None:
+        if args.scale is not None:
+            plan = plan.with_scale(args.scale)
+        lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
+    points = _points(args, lm, size)
+    if plan is not None:
+        plan.check(points, args.model)
+    n = max(max(batches), args.max_images if 1 in batches else 0)  # batch 1 times images one by one
+    if args.data_path:
+        data = load_split(args.data_path, replace(lm.pre, input_size=size), 0, "all", 0)
+        if len(data) < n:
+            raise ConfigError(f"{args.data_path} has {len(data)} images; the benchmark needs {n}")
+        x = next(iterate_batches(data, n, lm.pre.mean, lm.pre.std))[0]
+    else:
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out = _out_dir(args, "runs/benchmark")
+    lm.model.eval()
+    rows = benchmark_plan(lm.model, points, plan, x, batches, threads, args.pairs, args.clock, args.max_images)
+    for r in rows:
+        r.update(model=args.model, level="model-real" if args.data_path else "model", input_size=size)
+    atomic_write_json(out / "benchmark.json", {"rows": rows, "machine": machine(), "plan": args.plan,
+                                               "inputs": "images" if args.data_path else "random"})
+    table = [[r["batch"], r["threads"], r["dense_variant"], f"{r['dense_ms']:.3f}", f"{r['dynamic_ms']:.3f}",
+              f"{r['measured_speedup']:.2f}", f"{r['theoretical_speedup']:.2f}", f"{r['efficiency']:.2f}"]
+             for r in rows]
+    _out(_table(table, ["batch", "threads", "dense", "dense ms", "dynamic ms", "speedup", "theoretical",
+                        "efficiency"]))
+    _out(f"-> {out / 'benchmark.json'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
