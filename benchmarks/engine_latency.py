@@ -339,8 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-threads", action="store_true", help="every layer shape at 2 threads too")
     ap.add_argument("--out", default=str(ROOT / "results" / "engine_latency"))
     ap.add_argument("--render-only", action="store_true", help="re-render the .md and .png from the .json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine the rows of runs made part by part "
+                    "(each keeps its own meta under meta.parts) into --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = {"parts": [r["meta"] for r in runs], **{k: runs[0]["meta"][k] for k in ("cpu", "torch", "cores")},
+                "date": max(r["meta"]["date"] for r in runs), "pairs": min(r["meta"]["pairs"] for r in runs),
+                "loaded": any(r["meta"].get("loaded") for r in runs),
+                "load_avg_at_start": max((r["meta"]["load_avg_at_start"] for r in runs), key=lambda v: v[0]),
+                "load_avg_at_end": max((r["meta"]["load_avg_at_end"] for r in runs), key=lambda v: v[0]),
+                "command": " + ".join(r["meta"]["command"] for r in runs)}
+        rows = [row for r in runs for row in r["rows"]]
+        atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
+        args.render_only = True
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
         md, png = render(data["meta"], data["rows"], out)

@@ -83,6 +83,11 @@ def test_train_analyze_calibrate_evaluate_on_folder(capsys, tmp_path, tiny_folde
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["images"] == 24 and 0 <= m["top1"] <= 1 and "flops_reduction_p90" in m
     assert (tmp_path / "ev" / "report.md").is_file() and (tmp_path / "ev" / "flops_histogram.png").is_file()
+    import numpy as np
+
+    per = np.load(tmp_path / "ev" / "per_image.npz")  # per-image arrays for paired bootstrap intervals
+    assert set(per.files) >= {"correct", "dense_correct", "flops", "confidence"} and per["correct"].shape == (24,)
+    assert abs(per["correct"].mean() - m["top1"]) < 1e-9 and abs(per["dense_correct"].mean() - m["dense_top1"]) < 1e-9
     # the YAML config supplies options; explicit flags override it
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: tiny_resnet\ndata-path: {tiny_folder}\ncheckpoint: {ckpt}\ntarget: 0.9\n")

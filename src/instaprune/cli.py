@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(CUDA/nccl only)")
     p.add_argument("--prune-aware-epochs", type=int, default=0, help="extra epochs with calibrated masks "
                    "applied in the forward pass (needs --target and --holdout for calibration)")
+    p.add_argument("--prune-aware-lr", type=float, default=None, help="learning rate of the "
+                   "prune-aware phase (default: --lr / 10)")
     p.add_argument("--prune-aware-lam", type=float, default=0.0, help="lambda during the prune-aware phase")
     _calib_opts(p)
 

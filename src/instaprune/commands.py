@@ -145,7 +145,7 @@ def _cmd_train(args: argparse.Namespace, env) -> int:
         ccfg = _calib_cfg(args)
         plan, _ = calibrate_plan(lm, points, val, ccfg, args.select)
         masked = MaskedModel(lm.model, points, plan.taus, plan.thresholds)
-        pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.lr * 0.1,
+        pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.prune_aware_lr or args.lr * 0.1,
                      decay=replace(decay, lam=args.prune_aware_lam))
         res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, masked=masked)
         masked.remove()

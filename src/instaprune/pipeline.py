@@ -140,6 +140,18 @@ def evaluate_and_report(lm: LoadedModel, points: PointReport, data: ImageSet, ou
     plots = write_plots(out, res.per_instance if plan is not None else None, res.per_point, cv_table, curves,
                         2 * points.dense_macs, baseline_top1)
     write_metrics(out, metrics)
+    write_per_image(out / "per_image.npz", res.per_instance)
     write_markdown(out, title, metrics, res.per_point, plots)
     res.metrics = metrics
     return res
+
+
+def write_per_image(path: str | Path, per_instance: dict[str, torch.Tensor]) -> Path:
+    """Per-image arrays in dataset order (``dense_correct``, and with a plan ``correct``, ``flops``,
+    ``confidence``, ``dense_confidence``) as one ``.npz``: what paired bootstrap intervals are computed from."""
+    import numpy as np
+
+    from .io import atomic_write
+
+    arrays = {k: v.detach().cpu().numpy() for k, v in per_instance.items()}
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
