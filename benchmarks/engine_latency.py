@@ -8,16 +8,23 @@ Rows (``results/engine_latency.json``, key ``rows``):
   and paid), on the layout ``to_dynamic`` uses (NCHW at batch 1, channels_last above); dense = the
   folded conv, the faster of NCHW and channels_last.
 - ``model``: whole networks, every prune point selected, the same kind of forced masks; dense = the fastest
-  of {eager, BN-folded} x {NCHW, channels_last}; dynamic = ``to_dynamic`` (NCHW engine, ``auto`` strategy).
+  of {eager, BN-folded} x {NCHW, channels_last}; dynamic = ``to_dynamic`` (``auto`` strategy). ResNet-56
+  also gets a ``floor`` row (keep 0.0: every point keeps only its min_keep channels); keep-1.0 rows also time
+  the engine with the saliency skipped (``no_saliency_ms``), which splits its overhead into saliency and the
+  rest.
 - ``model-real``: CIFAR ResNet-20/56 with their public checkpoints, a plan calibrated (shared tau, target
-  FLOPs reduction 0.5) on 1000 test images and timed on 500 others (the engine computes its own masks):
-  per-image latency p50/p90/p99 at batch 1, per-batch time at batch 32, flips against the reference.
+  FLOPs reduction 0.5) on ``--calib-images`` images of the CIFAR-10 train split (``--cifar-train``; when
+  absent, on test images disjoint from the timed ones) and timed on ``--timed-images`` images of the test
+  split (``--cifar-test``); the engine computes its own masks: per-image latency p50/p90/p99 at batch 1,
+  per-batch time at batch 32, channel decisions that differ from the masked reference.
 
 Dense and dynamic alternate in ``--pairs`` rounds (>= 7) of ``torch.utils.benchmark.Timer``; medians are
-kept. Each row also times every forced strategy briefly (3 rounds) to check ``auto`` against the best, and
-profiles the dynamic forward for a saliency / gather / conv / other breakdown.
+kept. Rows at one thread also time every forced strategy briefly (``auto`` against the best), and every row
+profiles the dynamic forward for a saliency / gather / conv / other breakdown. Run it part by part on a quiet
+machine (each part writes its own JSON), then ``--merge`` the parts into ``results/engine_latency.*``:
 
-    PYTHONPATH=src python benchmarks/engine_latency.py [--quick] [--parts layer,model,real] [--clock auto]
+    python benchmarks/engine_latency.py --parts model --models resnet18,resnet50 --threads 1 --out part1
+    python benchmarks/engine_latency.py --merge part1.json part2.json ...
 """
 
 from __future__ import annotations
@@ -53,11 +60,16 @@ from instaprune.models import build_model
 from instaprune.plan import Plan
 from instaprune.points import find_prune_points
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_latency_report import render  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CHECKPOINTS = {"resnet20": SHARED / "models" / "resnet20-cifar10.th",
-               "resnet56": ROOT / ".data" / "models" / "resnet56-cifar10.th"}
-CIFAR_TEST = SHARED / "data" / "cifar10-test-jpeg"
+DEFAULTS = {  # relative to the repository (../shared is the project's shared data directory)
+    "cifar_test": "../shared/data/cifar10-test-jpeg",
+    "cifar_train": ".data/cifar10-train-jpeg",
+    "checkpoint_resnet20": "../shared/models/resnet20-cifar10.th",
+    "checkpoint_resnet56": ".data/models/resnet56-cifar10.th",
+}
 # model, name, C_in, C_out, kernel, stride, H (input), groups
 SHAPES = [
     ("resnet18", "3x3 64->64 @56", 64, 64, 3, 1, 56, 1),
@@ -184,38 +196,50 @@ QUICK_THREADS2 = {"3x3 64->64 @56", "3x3 512->512 @7", "1x1 1024->256 @14", "dw3
 # ---------------------------------------------------------------- model level
 def model_rows(args, threads: int, batches) -> list[dict]:
     rows = []
-    for name, size in MODELS[:: 3 if args.quick else 1]:
+    models = [m for m in MODELS if not args.models or m[0] in args.models.split(",")]
+    for name, size in models[:: 3 if args.quick else 1]:
         model = build_model(name).eval()
         rep = find_prune_points(model, torch.zeros(1, 3, size, size))
         plan = Plan(name, rep.fingerprint(), Plan.signature(rep), {n: 0.5 for n in rep.names()}, CFG)
         engine = to_dynamic(model, rep, plan)
         engine._ctx.forced_pays_saliency = True
         channels = {p.name: p.channels for p in rep.points}
+        keeps = ((0.0,) if size == 32 else ()) + KEEPS  # 0.0: every point at its floor (min_keep)
         for n in batches:
             if args.quick and n > 1 and size > 32:
                 continue
             gen = torch.Generator().manual_seed(n)
             x = torch.randn(n, 3, size, size, generator=gen)
             dense = dense_candidates(model, rep, x)
-            for keep in KEEPS:
+            pick = time_alternating(dense, 2 if n == 1 else 1, threads, args.clock, min_seconds=0.02)
+            best = min(pick, key=lambda k: med(pick[k]))  # the fastest dense form, once per (model, batch)
+            for keep in keeps:
                 engine.forced = random_masks(channels, n, keep, gen)
 
                 def run_dyn(engine=engine, x=x):
                     return engine(x)
 
-                if keep == KEEPS[0]:  # the fastest dense form, chosen once per (model, batch, threads)
-                    pick = time_alternating(dense, 2 if n == 1 else 1, threads, args.clock, min_seconds=0.02)
-                    best = min(pick, key=lambda k: med(pick[k]))
-                t = time_alternating({best: dense[best], "dynamic": run_dyn}, args.pairs, threads, args.clock,
-                                     min_seconds=0.02)
+                fns = {best: dense[best], "dynamic": run_dyn}
+                if keep == 1.0:  # the same engine with the saliency skipped: what the saliency costs
+                    def no_sal(engine=engine, x=x):
+                        engine._ctx.forced_pays_saliency = False
+                        try:
+                            return engine(x)
+                        finally:
+                            engine._ctx.forced_pays_saliency = True
+                    fns["no_saliency"] = no_sal
+                t = time_alternating(fns, args.pairs, threads, args.clock, min_seconds=0.02)
+                engine(x)
                 s = engine.summary()
                 row = {"level": "model", "model": name, "batch": n, "threads": threads, "keep": keep,
-                       "strategy": s["strategies"], "flops_reduction": s["flops_reduction"],
+                       "points": len(channels), "strategy": s["strategies"], "flops_reduction": s["flops_reduction"],
                        "executed_flops_reduction": s["executed_flops_reduction"]}
                 finish_row(row, {best: t[best]}, t["dynamic"], s["theoretical_speedup"])
                 row["dense_candidates_ms"] = {k: med(v) for k, v in pick.items()}
+                if "no_saliency" in t:
+                    row["no_saliency_ms"] = med(t["no_saliency"])
                 swept = n == 1 or size == 32 or name == "mobilenet_v2" or keep == 0.5
-                if keep < 1.0 and swept and threads == 1:
+                if 0.0 < keep < 1.0 and swept and threads == 1:
                     row.update(sweep(run_dyn, lambda st, e=engine: setattr(e, "strategy", st), SWEEP, threads,
                                      args.clock, rounds=2 if n > 1 and size > 32 else 5))
                 frac = breakdown(engine, x, reps=3 if n == 1 else 1)
@@ -226,35 +250,67 @@ def model_rows(args, threads: int, batches) -> list[dict]:
 
 
 # ---------------------------------------------------------------- real plans on real images
+def _path(arg: str) -> Path:
+    p = Path(arg)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _rel(p: Path) -> str:
+    try:
+        return os.path.relpath(p, ROOT)
+    except ValueError:
+        return str(p)
+
+
+def real_data(args) -> tuple[object, object, str, str]:
+    """(calibration set, timed set, their descriptions): the timed images are a stratified subset of the test
+    split; calibration uses the train split, or (absent) test images disjoint from the timed ones."""
+    from instaprune.data import load_dataset
+    from instaprune.models import default_preprocessing
+
+    pre = default_preprocessing("resnet20")
+    test_dir, train_dir = _path(args.cifar_test), _path(args.cifar_train)
+    test = load_dataset(test_dir, size=pre.input_size, resize=pre.resize)
+    rest, timed = test.split(args.timed_images, seed=0)
+    timed_note = f"{len(timed)} images of the CIFAR-10 test split ({_rel(test_dir)}), stratified, seed 0"
+    if train_dir.is_dir():
+        _, calib = load_dataset(train_dir, size=pre.input_size, resize=pre.resize).split(args.calib_images, 0)
+        note = f"{len(calib)} images of the CIFAR-10 train split ({_rel(train_dir)}), stratified, seed 0"
+    else:
+        _, calib = rest.split(args.calib_images, seed=1)
+        note = (f"FALLBACK (no train split at {_rel(train_dir)}): {len(calib)} test-split images disjoint "
+                "from the timed ones")
+    return calib, timed, note, timed_note
+
+
 def real_rows(args) -> list[dict]:
     from instaprune.calibrate import CalibrationConfig, calibrate
     from instaprune.checkpoint import load_weights
-    from instaprune.data import iterate_batches, load_dataset
+    from instaprune.data import iterate_batches
     from instaprune.models import default_preprocessing
 
     rows: list[dict] = []
-    if not CIFAR_TEST.is_dir():
-        log({"skipped": f"no CIFAR test data at {CIFAR_TEST}"})
+    if not _path(args.cifar_test).is_dir():
+        log({"skipped": f"no CIFAR test data at {args.cifar_test}"})
         return rows
     pre = default_preprocessing("resnet20")
-    data = load_dataset(CIFAR_TEST, size=pre.input_size, resize=pre.resize)
-    _, held = data.split(1500, seed=0)
-    calib, timed = held.split(500, seed=1)  # 1000 images calibrate, 500 others are timed
-    n_timed = 100 if args.quick else 500
-    x_all = torch.cat([x for x, _, _ in iterate_batches(timed, 500, pre.mean, pre.std)])[:n_timed]
-    y_all = torch.cat([y for _, y, _ in iterate_batches(timed, 500, pre.mean, pre.std)])[:n_timed]
-    for name, ckpt in CHECKPOINTS.items():
+    calib, timed, calib_note, timed_note = real_data(args)
+    n_timed = min(100 if args.quick else args.timed_images, len(timed))
+    xy = [(x, y) for x, y, _ in iterate_batches(timed, 500, pre.mean, pre.std)]
+    x_all, y_all = torch.cat([x for x, _ in xy])[:n_timed], torch.cat([y for _, y in xy])[:n_timed]
+    batches = [(x, y) for x, y, _ in iterate_batches(calib, 250, pre.mean, pre.std)]
+    for name, ckpt in (("resnet20", _path(args.checkpoint_resnet20)), ("resnet56", _path(args.checkpoint_resnet56))):
         if not ckpt.is_file():
-            log({"skipped": f"{name}: no checkpoint at {ckpt}"})
+            log({"skipped": f"{name}: no checkpoint at {_rel(ckpt)}"})
             continue
         model = build_model(name).eval()
         load_weights(model, ckpt)
         rep = find_prune_points(model, torch.zeros(1, 3, 32, 32))
-        batches = [(x, y) for x, y, _ in iterate_batches(calib, 250, pre.mean, pre.std)]
         t0 = time.perf_counter()
         plan = calibrate(model, rep, batches, CalibrationConfig(target=0.5, search="shared", thresholds=CFG),
                          model_name=name)
         base = {"level": "model-real", "model": name, "keep": None, "plan_target": 0.5,
+                "checkpoint": _rel(ckpt), "calibration_data": calib_note, "timed_data": timed_note,
                 "calibration_s": round(time.perf_counter() - t0, 1),
                 "calibration": plan.calibration["results"]["shared"]}
         engine = to_dynamic(model, rep, plan)
@@ -277,7 +333,7 @@ def real_rows(args) -> list[dict]:
             s = engine.summary()
             theo.append(s["theoretical_speedup"])
             exe.append(s["executed_flops_reduction"])
-        for threads in (1, 2):
+        for threads in [int(t) for t in args.threads.split(",")]:
             one = x_all[:1]
             pick = time_alternating({k: (lambda f=f, one=one: f(one)) for k, f in dense.items()}, 3, threads,
                                     args.clock)
@@ -322,8 +378,10 @@ def _inf(model, x):
 
 
 def log(obj) -> None:
+    if "level" in obj:
+        obj["procs_running"] = procs_running()
     keys = ("level", "model", "layer", "batch", "threads", "keep", "dense_ms", "dynamic_ms", "efficiency",
-            "auto_over_best", "skipped")
+            "auto_over_best", "skipped", "procs_running")
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in obj.items() if k in keys}),
           flush=True)
 
@@ -332,11 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rows, 3 pairs: a smoke test")
     ap.add_argument("--parts", default="layer,model,real")
+    ap.add_argument("--models", default="", help="model-level rows for these models only (comma-separated)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"])
     ap.add_argument("--all-threads", action="store_true", help="every layer shape at 2 threads too")
+    for key, default in DEFAULTS.items():
+        ap.add_argument("--" + key.replace("_", "-"), default=default, help=f"(default: {default}, relative to "
+                        "the repository)")
+    ap.add_argument("--calib-images", type=int, default=1000, help="real rows: calibration images")
+    ap.add_argument("--timed-images", type=int, default=500, help="real rows: timed test images")
+    ap.add_argument("--note", default="", help="recorded in the results (e.g. how the machine was kept quiet)")
     ap.add_argument("--out", default=str(ROOT / "results" / "engine_latency"))
     ap.add_argument("--render-only", action="store_true", help="re-render the .md and .png from the .json")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine the rows of runs made part by part "
@@ -345,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
-        meta = {"parts": [r["meta"] for r in runs], **{k: runs[0]["meta"][k] for k in ("cpu", "torch", "cores")},
-                "date": max(r["meta"]["date"] for r in runs), "pairs": min(r["meta"]["pairs"] for r in runs),
-                "loaded": any(r["meta"].get("loaded") for r in runs),
-                "load_avg_at_start": max((r["meta"]["load_avg_at_start"] for r in runs), key=lambda v: v[0]),
-                "load_avg_at_end": max((r["meta"]["load_avg_at_end"] for r in runs), key=lambda v: v[0]),
-                "command": " + ".join(r["meta"]["command"] for r in runs)}
+        metas = [r["meta"] for r in runs]
+        meta = {"command": " && ".join(m["command"] for m in metas),
+                **{k: metas[0][k] for k in ("cpu", "torch", "cores")},
+                "git_commits": sorted({m["git_commit"] for m in metas}),
+                "date": max(m["date"] for m in metas), "pairs": min(m["pairs"] for m in metas),
+                "max_procs_running": max(m.get("max_procs_running", 0) for m in metas), "parts": metas}
         rows = [row for r in runs for row in r["rows"]]
         atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
         args.render_only = True
@@ -368,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     start = time.time()
-    meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    meta = {"command": " ".join(["python benchmarks/engine_latency.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "config": {k: v for k, v in vars(args).items() if k not in ("merge", "render_only")},
             "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "-uno")),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "pairs": args.pairs, "clock": {t: clock_for(t, args.clock) for t in threads},
@@ -384,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += real_rows(args)
     meta["load_avg_at_end"] = list(os.getloadavg())
     meta["elapsed_s"] = round(time.time() - start, 1)
-    meta["loaded"] = max(meta["load_avg_at_start"][0], meta["load_avg_at_end"][0]) > 1.5
+    meta["max_procs_running"] = max((r.get("procs_running", 0) for r in rows), default=0)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     md, png = render(meta, rows, out)
     atomic_write_text(out.with_suffix(".md"), md)
@@ -392,163 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- report
-def _f(v, nd: int = 2) -> str:
-    return "" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def _bd(r: dict) -> str:
-    b = r.get("breakdown_ms") or {}
-    return "/".join(f"{b.get(k, 0):.1f}" for k in ("saliency", "gather", "conv", "other"))
-
-
-def _strat(r: dict) -> str:
-    s = r.get("strategy")
-    return " ".join(f"{k}:{v}" for k, v in s.items()) if isinstance(s, dict) else str(s)
-
-
-def goals(rows: list[dict]) -> list[str]:
-    out = []
-    for n, goal in ((1, 0.75), (32, 0.6)):
-        for r in rows:
-            if r["level"] == "model" and r["model"] in ("resnet18", "resnet50") and r["batch"] == n \
-                    and r["keep"] == 0.5:
-                ok = "meets" if r["efficiency"] >= goal else "BELOW"
-                out.append(f"- {r['model']} batch {n}, {r['threads']} thread(s), keep 0.5: efficiency "
-                           f"{r['efficiency']:.2f} ({ok} the goal {goal}; measured "
-                           f"{r['measured_speedup']:.2f}x of {r['theoretical_speedup']:.2f}x)")
-    for level in ("model", "layer"):
-        ratios = sorted(r["time_ratio"] for r in rows if r["level"] == level and r["keep"] == 1.0)
-        if ratios:
-            q3 = statistics.quantiles(ratios, n=4, method="inclusive")[2] if len(ratios) > 1 else ratios[0]
-            verdict = "meets" if q3 <= 1.05 else "ABOVE"
-            out.append(f"- keep 1.0, {level} level: upper quartile of dynamic/dense time ratios {q3:.3f} "
-                       f"over {len(ratios)} rows ({verdict} the goal 1.05; max {ratios[-1]:.3f})")
-    c56 = [r for r in rows if r["level"] == "model" and r["model"] == "resnet56" and r["keep"] == 0.5]
-    for r in c56:
-        out.append(f"- CIFAR ResNet-56 batch {r['batch']}, {r['threads']} thread(s), keep 0.5: efficiency "
-                   f"{r['efficiency']:.2f}")
-    swept = [r for r in rows if "auto_over_best" in r]
-    if swept:
-        ok = sum(r["auto_over_best"] <= 1.10 for r in swept)
-        ok_med = sum(r["auto_over_best_median"] <= 1.10 for r in swept)
-        out.append(f"- auto within 10% of the best strategy measured for the row: {ok} of {len(swept)} rows "
-                   f"by minimum times ({ok_med} by medians)")
-        for r in swept:
-            if r["auto_over_best"] > 1.10:
-                out.append(f"  - {r['level']} {r['model']} {r.get('layer', '')} batch {r['batch']} keep "
-                           f"{r['keep']}: auto {r['auto_over_best']:.2f}x the best "
-                           f"({r['best_strategy']}; auto ran {_strat(r)})")
-    return out
-
-
-def render(meta: dict, rows: list[dict], out: Path) -> tuple[str, Path]:
-    lines = ["# Engine latency (instaprune.engine vs the fastest dense model)", "",
-             "```", json.dumps(meta), "```", ""]
-    if meta.get("loaded"):
-        lines += [f"**The machine was loaded** (load average {meta['load_avg_at_start'][0]:.2f} at start, "
-                  f"{meta['load_avg_at_end'][0]:.2f} at end, on {meta['cores']} cores): other processes "
-                  "shared the cores; single-thread rows use CPU time (robust to preemption, not to cache "
-                  "and memory "
-                  "bandwidth contention), 2-thread rows use wall time and are the noisiest.", ""]
-    lines += ["Efficiency = measured speedup / theoretical speedup (dense MACs / (mask-required MACs + "
-              "saliency overhead)). Dense = fastest of eager and BN-folded, NCHW and channels_last, same "
-              "threads. "
-              "Breakdown columns: saliency/gather/conv/other in ms (profiler fractions scaled to the "
-              "median).", "",
-              "## Goals", "", *goals(rows), ""]
-    head = "| model | batch | thr | keep | dense | dense ms | dyn ms | speedup | theor. | eff. | " \
-           "exec. red. | strategies | sal/gath/conv/other ms | auto/best |"
-    lines += ["## Model level (forced independent masks; saliency paid)", "", head, "|" + "---|" * 14]
-    for r in (r for r in rows if r["level"] == "model"):
-        lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {r['keep']} | {r['dense_variant']} | "
-                     f"{_f(r['dense_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])} | "
-                     f"{_f(r['theoretical_speedup'])} | {_f(r['efficiency'])} | "
-                     f"{_f(r.get('executed_flops_reduction'), 3)} | {_strat(r)} | {_bd(r)} | "
-                     f"{_f(r.get('auto_over_best'))} |")
-    real = [r for r in rows if r["level"] == "model-real"]
-    if real:
-        lines += ["", "## Real calibrated plans on real images (CIFAR-10 test JPEGs, engine computes its "
-                  "masks)", "",
-                  "| model | batch | thr | dense ms (p50/p90/p99) | dyn ms (p50/p90/p99) | speedup | "
-                  "theor. | "
-                  "eff. | FLOPs red. | exec. red. | flips / decisions | top-1 dense / ref / engine |",
-                  "|" + "---|" * 12]
-        for r in real:
-            def pct(d):
-                return "/".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99")) if d else ""
-            dl = pct(r.get("dense_latency_ms")) or _f(r["dense_ms"])
-            yl = pct(r.get("dynamic_latency_ms")) or _f(r["dynamic_ms"])
-            lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {dl} | {yl} | "
-                         f"{_f(r['measured_speedup'])} | {_f(r['theoretical_speedup'])} | "
-                         f"{_f(r['efficiency'])} | {_f(r['flops_reduction'], 3)} | "
-                         f"{_f(r.get('executed_flops_reduction'), 3)} | "
-                         f"{r['flips']} / {r['channel_decisions']} | {r['top1_dense']:.3f} / "
-                         f"{r['top1_reference']:.3f} / {r['top1_engine']:.3f} |")
-    lines += ["", "## Layer level (one consumer conv; forced independent masks; saliency paid)", "",
-              "| model | layer | batch | thr | keep | dense | dense ms | dyn ms | speedup | theor. | eff. "
-              "| auto | best | auto/best | sal/gath/conv/other ms |", "|" + "---|" * 15]
-    for r in (r for r in rows if r["level"] == "layer"):
-        lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['threads']} | {r['keep']} | "
-                     f"{r['dense_variant']} | {_f(r['dense_ms'], 3)} | {_f(r['dynamic_ms'], 3)} | "
-                     f"{_f(r['measured_speedup'])} | {_f(r['theoretical_speedup'])} | "
-                     f"{_f(r['efficiency'])} | {r['strategy']} | {r.get('best_strategy', '')} | "
-                     f"{_f(r.get('auto_over_best'))} | {_bd(r)} |")
-    lines += ["", "## What limits the efficiency (mechanisms measured while building the engine)", "",
-              *LIMITS]
-    png = out.with_suffix(".png")
-    _plot(rows, png)
-    lines += ["", f"![efficiency]({png.name})", ""]
-    return "\n".join(lines), png
-
-
-LIMITS = [
-    "- Saliency + threshold per prune point: the norm kernel itself is ~4 us on a 16x32x32 input, the whole "
-    "mask step ~11 us in isolation and ~20-25 us inside the network (dispatch, numpy/torch transitions, "
-    "cache and branch-predictor effects on the following conv). On CIFAR layers (50-110 us convs at batch "
-    "1) this alone is 20-35 % of a layer: the floor of ResNet-20/56 at batch 1. At batch 32 the norm is "
-    "memory-bound.",
-    "- Work that does not shrink: adds, ReLUs, pads, pools and the un-pruned stem/shortcut/classifier "
-    "(Amdahl); in CIFAR ResNets the element-wise ops are a quarter of the dense time at batch 1.",
-    "- Convs on k gathered channels do not scale exactly with k: oneDNN blocks channels by 16 and reorders "
-    "the (gathered, hence new) weights at every call; the output write and bias are fixed costs; PyTorch "
-    "switches backend at 20480 input elements (the engine keeps the dense conv's backend).",
-    "- Batches with independent masks: the union of 32 instances is nearly every channel, per-instance "
-    "convs (loop) gather and reorder weights 32 times and lose oneDNN's batched efficiency, and the grouped "
-    "conv of ``padded`` (groups = N) is slow in oneDNN; so executed MACs exceed the required ones "
-    "(``exec. red.`` column) or per-MAC speed drops.",
-    "- What lowers the floor: a fused saliency+threshold kernel in the producing conv's epilogue (one "
-    "C++/inductor op instead of ~5 dispatches), graph capture of the static parts, fewer and larger prune "
-    "points (the CV selection), bucketing instances whose masks correlate (real plans), and prepacked "
-    "per-channel-block weights (no per-call reorder).",
-    "- 2-thread rows: wall-clock time on a shared 2-core machine; with other processes running they mostly "
-    "measure contention.",
-]
-
-
-def _plot(rows: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, n in zip(axes, (1, 32), strict=True):
-        for name, _ in MODELS:
-            for t, style in ((1, "-o"), (2, "--s")):
-                pts = sorted((r["keep"], r["efficiency"]) for r in rows if r["level"] == "model"
-                             and r["model"] == name and r["batch"] == n and r["threads"] == t)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), style, label=f"{name} {t}t")
-        ax.axhline(0.75 if n == 1 else 0.6, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"model level, batch {n}")
-        ax.set_xlabel("keep ratio")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("efficiency (measured / theoretical speedup)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+def procs_running() -> int:
+    """Runnable processes right now (``/proc/stat``; this benchmark included): > threads + 1 means other
+    processes competed for the cores."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _git(*a: str) -> str:

@@ -17,7 +17,7 @@ from instaprune.models import build_model
 from instaprune.plan import Plan
 from instaprune.points import PointReport, find_prune_points
 
-CIFAR = ("resnet20", "vgg16_bn_cifar", "tiny_resnet")
+CIFAR = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn_cifar", "tiny_resnet")
 MODELS = (*CIFAR, "resnet18", "resnet50", "mobilenet_v2", "resnext50_32x4d", "densenet121", "efficientnet_b0",
           "mobilenet_v3_small", "vgg11_bn")
 CFG = ThresholdConfig("max", 0.05)
@@ -133,15 +133,15 @@ def test_every_forced_strategy_equals_reference(name):
 
 
 # ---------------------------------------------------------------- (b) end to end
-def median_taus(model: nn.Module, rep: PointReport, x: torch.Tensor) -> dict[str, float]:
-    """Per-point tau = median of s / max(s) on x: about half of the channels pruned."""
+def median_taus(model: nn.Module, rep: PointReport, x: torch.Tensor, mode: str = "max") -> dict[str, float]:
+    """Per-point tau = median of s / ref(s) on x: about half of the channels pruned."""
     taus, handles = {}, []
     modules = dict(model.named_modules())
 
     def hook(name):
         def fn(m, args):
             s = saliency(args[0])
-            taus[name] = float((s / reference(s, "max").clamp_min(1e-12)).median())
+            taus[name] = float((s / reference(s, mode).clamp_min(1e-12)).median())
 
         return fn
 
@@ -190,20 +190,24 @@ def flips_against_reference(model, rep, engine: DynamicModel, x, taus, cfg=CFG) 
     return flips, logits
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_end_to_end_masks_and_logits(name):
+@pytest.mark.parametrize("name,mode", [(m, "max") for m in MODELS] + [
+    ("resnet20", "mean"), ("resnet20", "one"), ("mobilenet_v2", "mean"), ("mobilenet_v2", "one")])
+def test_end_to_end_masks_and_logits(name, mode, record_property):
     model, rep, size = model_and_points(name)
+    cfg = ThresholdConfig(mode, 0.05)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, size, size, generator=gen)
-    taus = median_taus(model, rep, x)
-    engine = to_dynamic(model, rep, plan_for(rep, taus))
-    flips, logits = flips_against_reference(model, rep, engine, x, taus)
+    taus = median_taus(model, rep, x, mode)
+    engine = to_dynamic(model, rep, plan_for(rep, taus, cfg))
+    flips, logits = flips_against_reference(model, rep, engine, x, taus, cfg)
     assert_close(engine(x), logits)
     summary = engine.summary()
     assert summary["flops_reduction"] > 0.2  # about half of every point's channels pruned
     total = sum(p.channels for p in rep.points) * x.shape[0]
     assert flips <= 1e-3 * total, f"{flips} flips of {total} channel decisions"
-    print(f"{name}: {flips} flips in {total} channel decisions")
+    record_property("flips", flips)  # reported in the JUnit XML (--junitxml) and below with -s / -rA
+    record_property("channel_decisions", total)
+    print(f"{name} ({mode}): {flips} flips in {total} channel decisions")
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tiny_resnet", "mobilenet_v2", "resnext50_32x4d"])

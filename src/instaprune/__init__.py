@@ -27,6 +27,8 @@ _EXPORTS = {
     "select_points": "analysis",
     "ThresholdConfig": "masked",
     "MaskedModel": "masked",
+    "to_dynamic": "engine",
+    "DynamicModel": "engine",
     "CalibrationConfig": "calibrate",
     "calibrate": "calibrate",
     "Plan": "plan",

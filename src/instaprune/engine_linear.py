@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine_modules import EngineContext, threshold_keep
+from .engine_modules import EngineContext
+from .engine_saliency import threshold_keep
 from .masked import ThresholdConfig
 
 __all__ = ["DynamicLinear"]
@@ -47,13 +48,13 @@ class DynamicLinear(nn.Module):
 
     def mask(self, x: torch.Tensor, ctx: EngineContext) -> np.ndarray:
         keep = None
-        if ctx.forced is None or ctx.forced_pays_saliency:
+        if ctx.forced_masks is None or ctx.forced_pays_saliency:
             norms = x.abs().cpu().numpy()
             keep, thr = threshold_keep(norms, self.tau, self.cfg, 1)
             if ctx.record:
                 ctx.records[self.name] = {"saliency": norms, "threshold": thr, "keep": keep}
-        if ctx.forced is not None:
-            keep = ctx.forced[self.name].to(torch.bool).cpu().numpy()
+        if ctx.forced_masks is not None:
+            keep = ctx.forced_np[self.name]
         return keep
 
     def run(self, x: torch.Tensor, keep: np.ndarray, ctx: EngineContext) -> torch.Tensor:

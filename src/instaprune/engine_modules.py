@@ -4,12 +4,7 @@
 A dynamic consumer computes the saliency of its input, the keep mask (the rule of
 :func:`instaprune.masked.keep_mask`), then only the active input channels (``kernels.py``):
 
-- saliency: one ``torch.linalg.vector_norm`` over (H, W) on NCHW (one pass over the input; on channels_last
-  the sum of squares of the (N, HW, C) view). The norm is the RMS times sqrt(H*W), so ``norm > tau *
-  ref(norm)`` is the reference rule for the relative modes and ``norm > tau * sqrt(HW)`` for ``one``; only
-  float rounding differs (tested: flips only within 1e-5 x ref of the threshold). The threshold and the
-  floor run in numpy on the (N, C) saliencies (a few microseconds; torch's per-op overhead is larger at this
-  size), and the floor's top-k is only computed for the rows that need it.
+- saliency and threshold: ``engine_saliency.py`` (per-channel L2 norms, numpy threshold and floor);
 - execution, per call (the strategy rule; ``EngineContext.strategy`` forces one strategy everywhere):
 
   * full mask (nothing pruned): the plain folded conv, no masking pass;
@@ -17,13 +12,14 @@ A dynamic consumer computes the saliency of its input, the keep mask (the rule o
     columns, one conv, on the dense conv's backend; depthwise: only the active channels are computed, the
     pruned ones are filled with the constant ``act(folded bias)``), unless the kernels' cost model (groups=1)
     or the 60 % rule (depthwise) prefers the masked dense conv;
-  * batch > 1 on channels_last (``to_dynamic``'s default above batch 1), groups=1: layout-preserving
-    ``loop`` (per instance), ``union`` (one conv on the batch's union of channels, others zeroed) or the
-    masked dense conv, whichever the kernels' cost model rates cheapest (loop x 1.15, see
-    ``_LOOP_PENALTY``);
-  * otherwise (NCHW batches, grouped and depthwise batches): :func:`instaprune.kernels.choose_strategy`
-    (loop / padded / union / dense; ``bucket`` on request), run by
-    :class:`instaprune.kernels.SparseInputConv2d`.
+  * batch > 1 on channels_last (``to_dynamic``'s default above batch 1): the cheapest by the kernels' cost
+    model adjusted for NHWC (``_pick_batch_cl``) of per-instance ``loop``, ``union`` (one conv on the batch's
+    union of channels, others zeroed), the masked ``dense`` conv, and ``padded`` (one grouped conv over every
+    instance's active channels padded to the largest count, on NCHW copies: wins for small convs such as
+    CIFAR ResNet layers); grouped/depthwise convs choose among the NCHW kernels plus both relayouts, or the
+    masked dense conv in place; the output stays channels_last;
+  * NCHW batches (``channels_last=False``): :func:`instaprune.kernels.choose_strategy` (loop / padded / union
+    / dense; ``bucket`` on request), run by :class:`instaprune.kernels.SparseInputConv2d`.
 - accounting: each call keeps (strategy, mask, output pixels); :func:`executed_slots` turns that into the
   channel-instances actually computed, so the engine reports the MACs the masks require and the MACs it ran.
 """
@@ -39,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import MaskStats, SparseInputConv2d, choose_strategy, strategy_costs
+from .engine_saliency import channel_norms, threshold_keep
+from .kernels import COST, MaskStats, SparseInputConv2d, choose_strategy, strategy_costs
 from .kernels_impl import greedy_buckets
 from .masked import ThresholdConfig
 
@@ -51,6 +48,11 @@ ENGINE_STRATEGIES = ("auto", "dense", "loop", "padded", "union", "bucket")
 #: (measured 1.1-1.6x the batched conv's per-MAC time on ResNet-18 shapes at batch 32; 1.15 keeps loop where
 #: it won by > 15 % and hands near-ties to the batched dense / union conv)
 _LOOP_PENALTY = 1.15
+#: ns per element of a channels_last <-> NCHW copy (``padded`` runs on NCHW inside a channels_last batch)
+_RELAYOUT_NS = 0.5
+#: the cost model with NHWC channel gathers (index_select over the rows of the (N*H*W, C) view: ~0.6 ns per
+#: element measured, against 0.1-0.2 ns for whole NCHW planes)
+_COST_CL = {**COST, "xf": 0.6}
 _NATIVE_NUMEL = 20480  # PyTorch's batch-1 threshold between its native conv and oneDNN (Convolution.cpp)
 _SCRATCH_BYTES = 32 << 20  # glibc's largest heap-served allocation; larger ones are mmap'ed per call
 
@@ -59,16 +61,28 @@ _SCRATCH_BYTES = 32 << 20  # glibc's largest heap-served allocation; larger ones
 class EngineContext:
     """State shared by the dynamic layers of one engine (a plain object: no per-call module overhead).
 
-    forced: point -> bool (N, C) masks overriding the thresholds; strategy: ``auto`` or one forced strategy;
-    record: keep each call's saliencies, thresholds and masks in ``records`` (for tests and reports)."""
+    forced: point -> bool (N, C) masks overriding the thresholds (kept as numpy too, converted once when
+    set); strategy: ``auto`` or one forced strategy; record: keep each call's saliencies, thresholds and masks
+    in ``records`` (for tests and reports)."""
 
-    forced: dict[str, torch.Tensor] | None = None
+    forced_masks: dict[str, torch.Tensor] | None = None
     forced_pays_saliency: bool = False  # benchmarks: compute (and discard) the saliencies under forced masks
     strategy: str = "auto"
     record: bool = False
     profile: bool = False  # wrap saliency and sparse execution in torch.profiler scopes
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     scratch: torch.Tensor | None = None  # reusable buffer for large masked copies (consumed at once)
+    forced_np: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def forced(self) -> dict[str, torch.Tensor] | None:
+        return self.forced_masks
+
+    @forced.setter
+    def forced(self, masks: dict[str, torch.Tensor] | None) -> None:
+        self.forced_masks = masks
+        self.forced_np = {} if masks is None else {
+            n: np.ascontiguousarray(torch.as_tensor(m).to(torch.bool).cpu().numpy()) for n, m in masks.items()}
 
     def scratch_like(self, x: torch.Tensor) -> torch.Tensor:
         """A tensor shaped and strided like ``x`` in the shared scratch buffer (grown when needed)."""
@@ -84,64 +98,6 @@ def apply_activation(out: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "relu6":
         return out.clamp_(0.0, 6.0)
     return out
-
-
-def threshold_keep(norms: np.ndarray, tau: float, cfg: ThresholdConfig, hw: int,
-                   floor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Keep mask (N, C) and per-row threshold (N, 1) from per-channel L2 norms (= RMS * sqrt(hw))."""
-    n, c = norms.shape
-    k = cfg.floor(c) if floor is None else floor
-    if n == 1 and cfg.mode == "max":  # the common batch-1 case with the fewest numpy calls
-        row = norms[0]
-        thr = row.max() * np.float32(tau)
-        keep = norms > thr
-        if np.count_nonzero(keep) < k:
-            keep[0, np.argpartition(row, c - k)[c - k:]] = True
-        return keep, np.full((1, 1), thr, dtype=np.float32)
-    if cfg.mode == "max":
-        thr = norms.max(1, keepdims=True) * np.float32(tau)
-    elif cfg.mode == "mean":
-        thr = norms.mean(1, keepdims=True, dtype=np.float32) * np.float32(tau)
-    else:
-        thr = np.full((n, 1), tau * math.sqrt(hw), dtype=np.float32)
-    keep = norms > thr
-    if n == 1:
-        if np.count_nonzero(keep) < k:
-            keep[0, np.argpartition(norms[0], c - k)[c - k:]] = True
-        return keep, thr
-    for i in np.flatnonzero(np.count_nonzero(keep, axis=1) < k):
-        keep[i, np.argpartition(norms[i], c - k)[c - k:]] = True
-    return keep, thr
-
-
-_BLOCK = 1 << 18  # elements per block of the channels_last saliency (1 MB: the squares stay in cache)
-
-
-def channel_norms(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel L2 norms (N, C) over (H, W): ``vector_norm`` on NCHW. On channels_last that reduction is
-    ~10x slower (not vectorised over C), and squaring the whole (N, HW, C) view writes a temporary as large
-    as x (ResNet-50's 32x256x56x56 input: 63 ms, page faults included, vs 4 ms for NCHW), so the squares
-    are summed in cache-sized row blocks (9 ms there; measured)."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.linalg.vector_norm(x, 2, dim=(2, 3))
-    n, c, h, w = x.shape
-    f = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    rows = max(1, _BLOCK // c)
-    if n * h * w <= rows:
-        return f.mul(f).sum(1).sqrt_()
-    out = torch.zeros(n, c, dtype=x.dtype, device=x.device)
-    if h * w <= rows:  # blocks of whole instances
-        g = rows // (h * w)
-        for i in range(0, n, g):
-            blk = f[i:i + g]
-            out[i:i + g] = blk.mul(blk).sum(1)
-        return out.sqrt_()
-    for i in range(n):  # blocks of rows of one instance
-        fi, acc = f[i], out[i]
-        for j in range(0, h * w, rows):
-            blk = fi[j:j + rows]
-            acc += blk.mul(blk).sum(0)
-    return out.sqrt_()
 
 
 def _is_cl(x: torch.Tensor) -> bool:
@@ -234,13 +190,13 @@ class DynamicConv2d(nn.Module):
         return self._ctx[0]
 
     def mask(self, x: torch.Tensor, ctx: EngineContext) -> np.ndarray:
-        if ctx.forced is not None and not ctx.forced_pays_saliency:
-            return ctx.forced[self.name].to(torch.bool).cpu().numpy()
+        if ctx.forced_masks is not None and not ctx.forced_pays_saliency:
+            return ctx.forced_np[self.name]
         hw = x.shape[2] * x.shape[3]
         norms = channel_norms(x).cpu().numpy()
         keep, thr = threshold_keep(norms, self.tau, self.cfg, hw, self.floor)
-        if ctx.forced is not None:
-            return ctx.forced[self.name].to(torch.bool).cpu().numpy()
+        if ctx.forced_masks is not None:
+            return ctx.forced_np[self.name]
         if ctx.record:
             scale = 1.0 / math.sqrt(hw)
             ctx.records[self.name] = {"saliency": norms * scale, "threshold": thr * scale, "keep": keep}
@@ -274,19 +230,18 @@ class DynamicConv2d(nn.Module):
                 out = self._single(x, keep[0], ho, wo, p)
             else:
                 out = self._masked_dense(x, keep, p)
-        elif _is_cl(x) and p["groups"] == 1 and strategy in ("auto", "loop", "union", "dense"):
-            # channels_last batch: layout-preserving loop / union / dense (the kernels are NCHW-oriented)
+        elif _is_cl(x):  # channels_last batch (to_dynamic's layout above batch 1); the output stays NHWC
             mask = torch.from_numpy(keep)
             if strategy == "auto":
-                cost = strategy_costs(MaskStats.of(mask), p["cout"], 1, p["kernel"], (h, w), (ho, wo))
-                cost["loop"] *= _LOOP_PENALTY
-                strategy = min(("loop", "union", "dense"), key=cost.__getitem__)
-            if strategy == "loop":
+                strategy = self._pick_batch_cl(MaskStats.of(mask), (h, w), (ho, wo), p)
+            if p["groups"] == 1 and strategy == "loop":
                 out = torch.cat([self._single(x[i:i + 1], keep[i], ho, wo, p) for i in range(n)])
-            elif strategy == "union":
+            elif p["groups"] == 1 and strategy == "union":
                 out = self._union(x, keep, mask, p)
-            else:
+            elif strategy == "dense":
                 out = self._masked_dense(x, keep, p)
+            else:  # the NCHW kernels (padded, bucket; grouped loop/union): relayout in and out
+                out = sp(x, mask, strategy).contiguous(memory_format=torch.channels_last)
         else:
             mask = torch.from_numpy(keep)
             if strategy == "auto":
@@ -323,6 +278,28 @@ class DynamicConv2d(nn.Module):
             xg = xg * torch.from_numpy(sub).to(x.dtype)[:, :, None, None]
         out = F.conv2d(xg, p["w"].index_select(1, idx), p["b"], p["stride"], p["padding"], p["dilation"])
         return apply_activation(out, p["act"])
+
+    @staticmethod
+    def _pick_batch_cl(stats: MaskStats, in_hw: tuple[int, int], out_hw: tuple[int, int], p: dict) -> str:
+        """Batch > 1 on channels_last: the cheapest strategy by the kernels' cost model, adjusted for this
+        layout: gathering channels from NHWC rows costs ``_CL_GATHER`` per element (measured ~0.6 ns against
+        0.1-0.2 ns for NCHW planes), per-instance convs cost ``_LOOP_PENALTY`` more per MAC, the NCHW kernels
+        (padded; every non-dense strategy of a grouped conv) pay both relayouts, and the union is dropped when
+        it is every channel (the masked dense conv does the same work without the gather)."""
+        g = p["groups"]
+        relayout = (stats.n * stats.channels * in_hw[0] * in_hw[1]
+                    + stats.n * p["cout"] * out_hw[0] * out_hw[1]) * _RELAYOUT_NS / 1e3
+        cost = strategy_costs(stats, p["cout"], g, p["kernel"], in_hw, out_hw)
+        if g == 1:
+            cl = strategy_costs(stats, p["cout"], 1, p["kernel"], in_hw, out_hw, k=_COST_CL)
+            cost.update(loop=cl["loop"] * _LOOP_PENALTY, union=cl["union"])
+            cost["padded"] += relayout
+        else:
+            for key in ("loop", "union", "padded"):
+                cost[key] += relayout
+        if stats.union == stats.channels:
+            del cost["union"]
+        return min(cost, key=cost.__getitem__)
 
     def _pick_single(self, c: int, k: int, in_hw: tuple[int, int], out_hw: tuple[int, int], p: dict) -> str:
         """Batch 1: ``loop`` (exact work) or the masked dense conv. Depthwise: loop up to 60 % of the channels

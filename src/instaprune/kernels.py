@@ -13,7 +13,9 @@
 Grouped and depthwise convs run through the same padded kernel per group: only groups with an active channel
 are computed; outputs of a group with no active input channel equal the bias (depthwise: a pruned channel c
 outputs the constant ``bias[c]``) and are filled with it. ``auto`` = :func:`choose_strategy`.
-Measurements and the cost model's constants: ``results/kernel_latency.md`` (``benchmarks/kernel_latency.py``).
+The cost model's constants were fitted on a layer benchmark of these kernels (the former
+``benchmarks/kernel_latency.py``, git history); the engine's strategy choice is now measured against every
+forced strategy in ``results/engine_latency.md`` (``benchmarks/engine_latency.py``, layer and model rows).
 """
 
 from __future__ import annotations
@@ -78,12 +80,12 @@ class MaskStats:
         return cls(m.shape[0], m.shape[1], int(counts.sum()), int(counts.max()), union)
 
 
-#: Cost-model constants, fitted by grid search on benchmarks/kernel_latency.py rows of the 2-core AMD EPYC
-#: dev machine (results/kernel_latency.md): ns per MAC of a batched dense conv, ns per gathered weight element
-#: (gather + oneDNN's weight reorder, paid per call), ns per gathered input element, ns per element of the
-#: dense fallback's masking pass (xm), us per conv call, grouped-conv weight size scale (pad), us of index
-#: work per grouped/depthwise call. A single-instance slow-down term for small outputs was tried and fitted
-#: to zero once the per-call weight cost was in the model.
+#: Cost-model constants, fitted by grid search on the former benchmarks/kernel_latency.py rows of the 2-core
+#: AMD EPYC dev machine (commit cbf6007, measured under load): ns per MAC of a batched dense conv, ns per
+#: gathered weight element (gather + oneDNN's weight reorder, paid per call), ns per gathered input element,
+#: ns per element of the dense fallback's masking pass (xm), us per conv call, grouped-conv weight size scale
+#: (pad), us of index work per grouped/depthwise call. A single-instance slow-down term for small outputs was
+#: tried and fitted to zero once the per-call weight cost was in the model.
 COST = {"mac": 0.02, "wf": 1.2, "xf": 0.1, "xm": 0.2, "call": 25.0, "pad": 5_000.0, "gcall": 100.0}
 
 

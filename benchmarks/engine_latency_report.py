@@ -1,0 +1,182 @@
+"""Markdown report and plot of ``benchmarks/engine_latency.py`` results (``results/engine_latency.json``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+__all__ = ["render", "goals"]
+
+GOAL_MODELS = ("resnet18", "resnet50")
+
+#: what limits the efficiency (mechanisms measured while building the engine; see the tables for numbers)
+LIMITS = [
+    "- (to be written from the measured rows)",
+]
+
+
+def _f(v, nd: int = 2) -> str:
+    return "" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _bd(r: dict) -> str:
+    b = r.get("breakdown_ms") or {}
+    return "/".join(f"{b.get(k, 0):.1f}" for k in ("saliency", "gather", "conv", "other"))
+
+
+def _strat(r: dict) -> str:
+    s = r.get("strategy")
+    return " ".join(f"{k}:{v}" for k, v in s.items()) if isinstance(s, dict) else str(s)
+
+
+def _keep(r: dict) -> str:
+    return "floor" if r.get("keep") == 0.0 else _f(r.get("keep"))
+
+
+def _q3(values: list[float]) -> float:
+    return statistics.quantiles(values, n=4, method="inclusive")[2] if len(values) > 1 else values[0]
+
+
+def _short(r: dict) -> str:
+    b = r.get("breakdown_ms") or {}
+    parts = ", ".join(f"{k} {b[k]:.1f} ms" for k in ("saliency", "gather", "conv", "other") if k in b)
+    return (f"dense {r['dense_ms']:.1f} ms, dynamic {r['dynamic_ms']:.1f} ms = {parts}; executed FLOPs reduction "
+            f"{r.get('executed_flops_reduction', 0):.3f} of {r.get('flops_reduction', 0):.3f} required; "
+            f"strategies {_strat(r)}")
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals against the measured rows (every thread count is reported separately)."""
+    out = []
+    model = [r for r in rows if r["level"] == "model"]
+    for n, goal in ((1, 0.75), (32, 0.6)):
+        for r in model:
+            if r["model"] in GOAL_MODELS and r["batch"] == n and r["keep"] == 0.5:
+                ok = "meets" if r["efficiency"] >= goal else "BELOW"
+                extra = " (stretch 0.9 met)" if n == 1 and r["efficiency"] >= 0.9 else ""
+                out.append(f"- {r['model']} batch {n}, {r['threads']} thread(s), keep 0.5: efficiency "
+                           f"**{r['efficiency']:.2f}** ({ok} the goal {goal}{extra}; measured "
+                           f"{r['measured_speedup']:.2f}x of {r['theoretical_speedup']:.2f}x)")
+                if r["efficiency"] < goal:
+                    out.append(f"  - breakdown: {_short(r)}")
+    for label, sel in ((f"{'/'.join(GOAL_MODELS)} model rows", lambda r: r["level"] == "model"
+                        and r["model"] in GOAL_MODELS),
+                       ("all model rows", lambda r: r["level"] == "model"),
+                       ("all layer rows", lambda r: r["level"] == "layer")):
+        ratios = sorted(r["time_ratio"] for r in rows if sel(r) and r["keep"] == 1.0)
+        if ratios:
+            q3 = _q3(ratios)
+            verdict = "meets" if q3 <= 1.05 else "ABOVE"
+            out.append(f"- keep 1.0, {label}: upper quartile of dynamic/dense time ratios **{q3:.3f}** over "
+                       f"{len(ratios)} rows ({verdict} the goal 1.05; max {ratios[-1]:.3f})")
+    for r in model:
+        if r["keep"] == 1.0 and r.get("no_saliency_ms") is not None:
+            pts = r.get("points") or 1
+            sal = r["dynamic_ms"] - r["no_saliency_ms"]
+            rest = r["no_saliency_ms"] - r["dense_ms"]
+            out.append(f"  - {r['model']} batch {r['batch']}, {r['threads']} thread(s), keep 1.0: saliency + "
+                       f"threshold {sal:.2f} ms ({1e3 * sal / pts:.0f} us per point, {pts} points), other "
+                       f"per-point overhead {rest:.2f} ms against the fastest dense model "
+                       f"({r['dense_variant']})")
+    for r in model:
+        if r["model"] == "resnet56" and r["keep"] in (0.0, 0.5):
+            out.append(f"- CIFAR ResNet-56 batch {r['batch']}, {r['threads']} thread(s), keep {_keep(r)}: "
+                       f"dense {r['dense_ms']:.2f} ms, dynamic {r['dynamic_ms']:.2f} ms, efficiency "
+                       f"{r['efficiency']:.2f} (theoretical {r['theoretical_speedup']:.2f}x)")
+    swept = [r for r in rows if "auto_over_best" in r]
+    if swept:
+        ok = sum(r["auto_over_best"] <= 1.10 for r in swept)
+        ok_med = sum(r["auto_over_best_median"] <= 1.10 for r in swept)
+        out.append(f"- auto within 10% of the best strategy measured for the row: **{ok} of {len(swept)}** "
+                   f"rows by minimum times ({ok_med} by medians)")
+        for r in swept:
+            if r["auto_over_best"] > 1.10:
+                out.append(f"  - {r['level']} {r['model']} {r.get('layer', '')} batch {r['batch']} "
+                           f"{r['threads']}t keep {_keep(r)}: auto {r['auto_over_best']:.2f}x the best "
+                           f"({r['best_strategy']}; auto ran {_strat(r)})")
+    return out
+
+
+def _meta_block(meta: dict) -> list[str]:
+    lines = ["```", json.dumps(meta, indent=1), "```", ""]
+    if meta.get("loaded"):
+        lines += [f"**The machine was loaded** (load average {meta['load_avg_at_start'][0]:.2f} at start, "
+                  f"{meta['load_avg_at_end'][0]:.2f} at end, on {meta['cores']} cores).", ""]
+    return lines
+
+
+def render(meta: dict, rows: list[dict], out: Path) -> tuple[str, Path]:
+    lines = ["# Engine latency (instaprune.engine vs the fastest dense model)", "", *_meta_block(meta),
+             "Efficiency = measured speedup / theoretical speedup (dense MACs / (mask-required MACs + saliency "
+             "overhead MACs), METHOD.md section 7). Dense = the fastest of eager and BN-folded, NCHW and "
+             "channels_last, same threads, timed alternately with the dynamic model in the same process. "
+             "Breakdown: saliency/gather/conv/other in ms (profiler fractions scaled to the median time). "
+             "keep `floor`: every point keeps only its floor (min_keep) channels.", "",
+             "## Goals", "", *goals(rows), ""]
+    head = "| model | batch | thr | keep | dense | dense ms | dyn ms | speedup | theor. | eff. | " \
+           "exec. red. | strategies | sal/gath/conv/other ms | auto/best |"
+    lines += ["## Model level (forced independent masks; saliency paid)", "", head, "|" + "---|" * 14]
+    for r in (r for r in rows if r["level"] == "model"):
+        lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {_keep(r)} | {r['dense_variant']} | "
+                     f"{_f(r['dense_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])} | "
+                     f"{_f(r['theoretical_speedup'])} | {_f(r['efficiency'])} | "
+                     f"{_f(r.get('executed_flops_reduction'), 3)} | {_strat(r)} | {_bd(r)} | "
+                     f"{_f(r.get('auto_over_best'))} |")
+    real = [r for r in rows if r["level"] == "model-real"]
+    if real:
+        lines += ["", "## Real calibrated plans on real images (engine computes its own masks)", "",
+                  f"Calibration: {real[0].get('calibration_data', '')}; timed: {real[0].get('timed_data', '')}.",
+                  "", "| model | batch | thr | dense ms (p50/p90/p99) | dyn ms (p50/p90/p99) | speedup | theor. | "
+                  "eff. | FLOPs red. | exec. red. | mask diffs / decisions | top-1 dense / ref / engine | "
+                  "sal/gath/conv/other ms |", "|" + "---|" * 13]
+        for r in real:
+            def pct(d):
+                return "/".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99")) if d else ""
+            dl = pct(r.get("dense_latency_ms")) or _f(r["dense_ms"])
+            yl = pct(r.get("dynamic_latency_ms")) or _f(r["dynamic_ms"])
+            lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {dl} | {yl} | "
+                         f"{_f(r['measured_speedup'])} | {_f(r['theoretical_speedup'])} | {_f(r['efficiency'])} | "
+                         f"{_f(r['flops_reduction'], 3)} | {_f(r.get('executed_flops_reduction'), 3)} | "
+                         f"{r['flips']} / {r['channel_decisions']} | {r['top1_dense']:.3f} / "
+                         f"{r['top1_reference']:.3f} / {r['top1_engine']:.3f} | {_bd(r)} |")
+    lines += ["", "## Layer level (one consumer conv; forced independent masks; saliency paid)", "",
+              "| model | layer | batch | thr | keep | dense | dense ms | dyn ms | speedup | theor. | eff. "
+              "| auto | best | auto/best | sal/gath/conv/other ms |", "|" + "---|" * 15]
+    for r in (r for r in rows if r["level"] == "layer"):
+        lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['threads']} | {_keep(r)} | "
+                     f"{r['dense_variant']} | {_f(r['dense_ms'], 3)} | {_f(r['dynamic_ms'], 3)} | "
+                     f"{_f(r['measured_speedup'])} | {_f(r['theoretical_speedup'])} | "
+                     f"{_f(r['efficiency'])} | {r['strategy']} | {r.get('best_strategy', '')} | "
+                     f"{_f(r.get('auto_over_best'))} | {_bd(r)} |")
+    lines += ["", "## What limits the efficiency", "", *LIMITS]
+    png = out.with_suffix(".png")
+    _plot(rows, png)
+    lines += ["", f"![efficiency]({png.name})", ""]
+    return "\n".join(lines), png
+
+
+def _plot(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = list(dict.fromkeys(r["model"] for r in rows if r["level"] == "model"))
+    for ax, n in zip(axes, (1, 32), strict=True):
+        for name in names:
+            for t, style in ((1, "-o"), (2, "--s")):
+                pts = sorted((r["keep"], r["efficiency"]) for r in rows if r["level"] == "model"
+                             and r["model"] == name and r["batch"] == n and r["threads"] == t and r["keep"] > 0)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=f"{name} {t}t")
+        ax.axhline(0.75 if n == 1 else 0.6, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"model level, batch {n} (dotted: goal at keep 0.5)")
+        ax.set_xlabel("keep ratio")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("efficiency (measured / theoretical speedup)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
