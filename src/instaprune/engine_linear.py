@@ -52,7 +52,7 @@ class DynamicLinear(nn.Module):
             norms = x.abs().cpu().numpy()
             keep, thr = threshold_keep(norms, self.tau, self.cfg, 1)
             if ctx.record:
-                ctx.records[self.name] = {"saliency": norms, "threshold": thr, "keep": keep}
+                ctx.records[self.name] = {"saliency": norms, "threshold": np.reshape(thr, (-1, 1)), "keep": keep}
         if ctx.forced_masks is not None:
             keep = ctx.forced_np[self.name]
         return keep

@@ -172,7 +172,7 @@ class DynamicConv2d(nn.Module):
                        "stride": sp.stride, "padding": sp.padding, "dilation": sp.dilation,
                        "groups": sp.groups, "act": sp.activation, "cout": sp.out_channels,
                        "kernel": sp.kernel_size, "ctx": self._ctx[0], "sparse": sp,
-                       "mkldnn1": self._mkldnn_eligible()}
+                       "mkldnn1": self._mkldnn_eligible(), "out_hw": {}}
         return self._p
 
     def _mkldnn_eligible(self) -> bool | None:
@@ -192,14 +192,17 @@ class DynamicConv2d(nn.Module):
     def mask(self, x: torch.Tensor, ctx: EngineContext) -> np.ndarray:
         if ctx.forced_masks is not None and not ctx.forced_pays_saliency:
             return ctx.forced_np[self.name]
-        hw = x.shape[2] * x.shape[3]
-        norms = channel_norms(x).cpu().numpy()
+        _, _, h, w = x.shape
+        hw = h * w
+        norms = channel_norms(x)
+        norms = (norms if norms.is_cpu else norms.cpu()).numpy()
         keep, thr = threshold_keep(norms, self.tau, self.cfg, hw, self.floor)
         if ctx.forced_masks is not None:
             return ctx.forced_np[self.name]
         if ctx.record:
             scale = 1.0 / math.sqrt(hw)
-            ctx.records[self.name] = {"saliency": norms * scale, "threshold": thr * scale, "keep": keep}
+            ctx.records[self.name] = {"saliency": norms * scale, "threshold": np.reshape(thr, (-1, 1)) * scale,
+                                      "keep": keep}
         return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +219,7 @@ class DynamicConv2d(nn.Module):
         """The conv of x with the channels of ``keep`` (N, C) only, by the rule of the module docs."""
         n, c, h, w = x.shape
         sp = p["sparse"]
-        ho, wo = sp.out_hw(h, w)
+        ho, wo = p["out_hw"].get((h, w)) or p["out_hw"].setdefault((h, w), sp.out_hw(h, w))
         k_sum = int(np.count_nonzero(keep))
         strategy = ctx.strategy
         if k_sum == n * c:
