@@ -76,7 +76,8 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
     return rows
 
 
-def write_report(model: str, work_root: Path, plan: list, chosen: str | None) -> Path:
+def write_report(model: str, work_root: Path, plan: list, ch: Any) -> Path:
+    """Rows from whatever stages are done (missing ones are listed as pending), choice tables, costs, plots."""
     from instaprune.io import atomic_write_json, atomic_write_text
 
     work = work_root / model
@@ -91,26 +92,90 @@ def write_report(model: str, work_root: Path, plan: list, chosen: str | None) ->
         rows.append({"method": "dense adapted baseline", "target": 0.0, "flops_reduction": 0.0, "top1": baseline,
                      "baseline_top1": baseline, "ci95": [0.0, 0.0], "interpolated": False,
                      "unadapted_top1": unadapted["dense_top1"] if unadapted else None})
-    if chosen:
-        rows += method_rows(work, "feature decay + calibrated dynamic thresholds", chosen, base_correct, baseline)
-    rows += method_rows(work, "ablation: no feature decay", "control", base_correct, baseline)
-    grid = []
-    for s in plan:
-        if s.name.startswith("cal_") and s.name.endswith("_0.6") and s.done():
-            c = json.loads((s.out / "plan.json").read_text())["calibration"]
-            r = c["results"][c["chosen"]]
-            grid.append({"setting": s.name[4:-4], "holdout_top1_at_0.6": r["top1"], "search": c["chosen"],
-                         "holdout_flops_reduction": r.get("flops_reduction")})
+    method_tag = None
+    if ch is not None and ch.prune_aware is not None:
+        sfx = "" if (ch.mode, ch.select) == ("max", "all") else f"_{ch.mode}_{ch.select}"
+        pa = "pa_" if ch.prune_aware else ""
+        method_tag = f"{pa}{ch.cfg}{sfx}"
+        specs = [("method: feature decay + CV/calibrated dynamic thresholds"
+                  + (" + prune-aware" if ch.prune_aware else ""), method_tag),
+                 ("ablation 3: same calibration, no feature decay", f"{pa}control{sfx}")]
+        specs += [(f"ablation 4: {name} points", ch.cfg + ("" if (ch.mode, s_) == ("max", "all")
+                                                           else f"_{ch.mode}_{s_}"))
+                  for name, s_ in (("all", "all"), ("CV-selected", "cv"), ("random (same number)", "rand"))]
+        specs.append(("static: L1-norm filter pruning + fine-tune (same epochs)", "static"))
+        for name, tag in specs:
+            rows += method_rows(work, name, tag, base_correct, baseline)
+        meth = {r["target"]: r for r in rows if r.get("setting") == method_tag and not r["interpolated"]}
+        for r in rows:  # method vs static at equal target (paired bootstrap where both are measured)
+            if r.get("setting") == "static" and r["target"] in meth and not r["interpolated"]:
+                a = _per_image(work / f"ev_{method_tag}_{r['target']}", "correct")
+                b = _per_image(work / f"ev_static_{r['target']}", "correct")
+                if a is not None and b is not None:
+                    r["method_minus_static"] = meth[r["target"]]["top1"] - r["top1"]
+                    r["method_minus_static_ci95"] = list(paired_bootstrap(a, b))
+    have = {(r.get("setting"), r["target"]) for r in rows}
+    pending = [s.name for s in plan if not s.done()]
+    grid = [{"choice": k, "holdout_top1_at_0.6": v} for k, v in (ch.scores.items() if ch is not None else [])]
     costs = [{"stage": s.name, "done": s.done(), "seconds": _cost(s)} for s in plan]
     meta = {"command": f"python benchmarks/cifar10_study.py report --model {model}",
             "commit": _git("rev-parse", "HEAD"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": _torch(), "cores": os.cpu_count(), "chosen_setting": chosen}
+            "torch": _torch(), "cores": os.cpu_count(), "threads_per_stage": 1,
+            "choices": None if ch is None else {k: getattr(ch, k) for k in ("cfg", "mode", "select", "prune_aware")},
+            "pending_stages": pending}
     out = ROOT / "results" / f"cifar10_{model}.json"
-    atomic_write_json(out, {"meta": meta, "rows": rows, "choice_grid": grid, "costs": costs})
+    atomic_write_json(out, {"meta": meta, "rows": rows, "choices": grid, "costs": costs,
+                            "measured": sorted(f"{a}@{b}" for a, b in have if a)})
     atomic_write_text(ROOT / "results" / f"cifar10_{model}.md", _markdown(model, meta, rows, grid, costs))
     _plot(rows, ROOT / "results" / f"cifar10_{model}_accuracy_vs_flops.png", model)
+    if method_tag:
+        _plot_instances(work, method_tag, ROOT / "results" / f"cifar10_{model}_per_image.png", model)
     return out
+
+
+def _per_image(ev: Path, key: str) -> np.ndarray | None:
+    f = ev / "per_image.npz"
+    if not f.is_file():
+        return None
+    with np.load(f) as z:
+        return z[key] if key in z.files else None
+
+
+def _plot_instances(work: Path, tag: str, png: Path, model: str) -> None:
+    """Per-image FLOPs histogram, keep ratio against confidence and correctness (method at 60%), CV per point."""
+    ev = work / f"ev_{tag}_0.6"
+    flops, conf, corr = (_per_image(ev, k) for k in ("flops", "confidence", "correct"))
+    plan = _load(work / f"{tag if tag.startswith('pa_') else 'cal_' + tag}_0.6" / "plan.json")
+    if flops is None or conf is None or corr is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax[0].hist(flops / 1e6, bins=50)
+    ax[0].set_xlabel("per-image MFLOPs (method, 60% target)")
+    ax[0].set_ylabel("images")
+    for ok, lab in ((True, "correct"), (False, "wrong")):
+        sel = corr.astype(bool) == ok
+        ax[1].scatter(conf[sel], flops[sel] / 1e6, s=2, alpha=0.3, label=lab)
+    ax[1].set_xlabel("confidence (max softmax)")
+    ax[1].set_ylabel("per-image MFLOPs")
+    ax[1].legend(fontsize=7)
+    if plan and plan.get("cv"):
+        names = list(plan["cv"])
+        ax[2].bar(range(len(names)), [plan["cv"][n] for n in names],
+                  color=["C1" if n in plan.get("taus", {}) else "C7" for n in names])
+        ax[2].set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+        ax[2].set_ylabel("CV (orange: selected)")
+    fig.suptitle(f"CIFAR-10 {model}: per-image view")
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
 
 
 def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs: list[dict]) -> str:
@@ -128,11 +193,10 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
         lines += ["", "Published figures (theirs: original CIFAR-10 test set, their baselines, not reproduced here):",
                   "", "| method | FLOPs reduction | top-1 error increase (points) |", "|---|---|---|"]
         lines += [f"| {n} | {r:.3f} | {e:+.2f} |" for n, r, e in PEERS[model]]
-    if grid:
-        lines += ["", "Choice grid (holdout split, calibrated to 60% FLOPs reduction):", "",
-                  "| setting | holdout top-1 | search | holdout reduction |", "|---|---|---|---|"]
-        lines += [f"| {g['setting']} | {f(g['holdout_top1_at_0.6'])} | {g['search']} | "
-                  f"{f(g['holdout_flops_reduction'], 3)} |" for g in grid]
+    for g in grid:
+        lines += ["", f"Choice: {g['choice']} (holdout top-1 after calibration to 60% FLOPs reduction):", "",
+                  "| option | holdout top-1 |", "|---|---|"]
+        lines += [f"| {k} | {'pending' if v is None else f'{v:.4f}'} |" for k, v in g["holdout_top1_at_0.6"].items()]
     total = sum(c["seconds"] or 0 for c in costs)
     lines += ["", f"Cost per stage (wall seconds, 1 thread unless noted; total so far {total / 3600:.2f} h):", "",
               "| stage | done | seconds |", "|---|---|---|"]

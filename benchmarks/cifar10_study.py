@@ -1,33 +1,45 @@
 """CIFAR-10 study (issue 4): the method against its ablations and a static baseline at equal FLOPs.
 
-Every stage is one ``instaprune`` CLI call with its own output directory under ``--work`` (default
-``.data/study/<model>/<stage>``); a stage is done when its result file exists (``model.pt`` + ``metrics.json``
-for training, ``plan.json`` for calibration, ``metrics.json`` for evaluation), so re-running the script skips
-finished stages and an interrupted training resumes from its step checkpoint (``--resume auto``). Nothing is
-chosen on the test split: the 5,000-image holdout of the training split is the calibration/validation split.
+Every stage is one ``instaprune`` CLI call (or, for the static baseline, ``cifar10_study.py static-stage``) with
+its own output directory ``<work>/<model>/<stage>``. On success the runner writes ``done.json`` atomically in it
+(wall seconds, threads, command); a stage also counts as done when its result file exists (``metrics.json`` of a
+training/evaluation, ``plan.json`` of a calibration), so stages run by hand in the same directories are picked
+up. Re-running skips done stages; an interrupted training resumes from its step checkpoint (``--resume auto``,
+``--checkpoint-every``). A stage whose output directory another live process is writing is skipped (busy).
+Nothing is chosen on the test split: the 5,000-image holdout of the training split is the calibration and
+validation split; every choice below is the best holdout top-1 after calibration to 60% FLOPs reduction.
 
     python benchmarks/cifar10_study.py run --model resnet20 [--only STAGE_PREFIX] [--threads 1] [--dry-run]
     python benchmarks/cifar10_study.py status --model resnet20
-    python benchmarks/cifar10_study.py report --model resnet20     # results/cifar10_<model>.json + RESULTS.md
+    python benchmarks/cifar10_study.py report --model resnet20     # results/cifar10_<model>.{json,md,png}
 
-Stages (ResNet-20; ResNet-56 repeats the chosen setting and the ablations):
+Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them):
 
-- ``adapt``: 3 epochs of plain fine-tuning of the public checkpoint on the JPEG training split (the baseline);
-- ``ft_<cfg>``: 5 epochs from ``adapt`` with feature decay (the choice grid) and ``ft_control`` (lambda 0, same
-  epochs: the "without feature decay" ablation);
-- ``cal_<cfg>_<target>``: greedy calibration on the holdout; the grid is compared at a 60% target;
-- ``ev_<cfg>_<target>``: test-split evaluation (per-image arrays for paired bootstrap intervals).
+1. ``adapt``: 3 epochs of plain fine-tuning of the public checkpoint on the JPEG training split (baseline_top1);
+   ``ev_dense``/``ev_unadapted``: test-split accuracy of the adapted and the public checkpoint.
+2. ``ft_<cfg>``: 5 epochs from ``adapt`` at lr 0.02 (cosine) with feature decay (the grid ``GRID``) and
+   ``ft_control`` (lambda 0, same epochs and schedule: the "without feature decay" ablation);
+   ``cal_<cfg>_0.6``: greedy calibration on the holdout; choice 1 = penalty/lambda/weights.
+3. ``cal_<C>_<mode>_<sel>_0.6``: threshold mode (max/mean/one) and point selection (all / CV top-k; ``rand``:
+   the same number of random points, an ablation only) on the chosen fine-tune; choices 2 and 3.
+4. ``pa_<C><sfx>_0.6``: one prune-aware epoch (calibrated masks, lambda 0, lr 0.002) then recalibration;
+   choice 4 = prune-aware yes/no (its holdout top-1 against the plain calibration's).
+5. At each target 0.3/0.45/0.6/0.7: calibration (and the prune-aware epoch if chosen) and test evaluation of the
+   method, of the no-decay control, of the point-selection ablation (all / CV / random), and ``ev_static_<t>``:
+   L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the same epochs and schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,134 +54,393 @@ GRID = {
     "l1l2_0.5": ("l1l2", 0.5, "uniform"),
     "l1max_0.5_flops": ("l1max", 0.5, "flops"),
 }
+MODES = ("max", "mean", "one")
+SELECTIONS = ("all", "cv")  # choice candidates; "rand" is the ablation
+CV_FRACTION = 0.67  # CV selection: top-k points by CV with k = round(0.67 x points), made feasible by select
 CHECKPOINTS = {"resnet20": "../shared/models/resnet20-cifar10.th", "resnet56": ".data/models/resnet56-cifar10.th"}
-EPOCHS = {"adapt": 3, "finetune": 5}
+EPOCHS = {"adapt": 3, "finetune": 5, "prune_aware": 1}
 LR = 0.02
+PA_LR = 0.002
 
 
 @dataclass
 class Stage:
     name: str
-    args: list[str]
+    args: list[str] | None  # None: not buildable yet (waits for a dependency's output)
     out: Path
     done_file: str
     deps: list[str] = field(default_factory=list)
+    script: bool = False  # run as ``cifar10_study.py`` instead of ``instaprune``
+
+    @property
+    def log(self) -> Path:
+        return self.out.parent / f"{self.out.name}.log"
 
     def done(self) -> bool:
-        return (self.out / self.done_file).is_file()
+        return (self.out / "done.json").is_file() or (self.out / self.done_file).is_file()
 
 
-def stages(model: str, work: Path, train_data: str, test_data: str, chosen: str | None) -> list[Stage]:
+@dataclass
+class Choices:
+    cfg: str | None = None
+    mode: str | None = None
+    select: str | None = None
+    prune_aware: bool | None = None
+    scores: dict = field(default_factory=dict)
+
+
+def sfx(mode: str, sel: str) -> str:
+    return "" if (mode, sel) == ("max", "all") else f"_{mode}_{sel}"
+
+
+def _holdout_top1(plan_json: Path) -> float | None:
+    if not plan_json.is_file():
+        return None
+    cal = json.loads(plan_json.read_text())["calibration"]
+    return float(cal["results"][cal["chosen"]]["top1"])
+
+
+def _best(scores: dict[str, float | None]) -> str | None:
+    if not scores or any(v is None for v in scores.values()):
+        return None
+    return max(scores, key=lambda k: scores[k])  # ties: the first (the simpler/default option)
+
+
+def choose(work: Path) -> Choices:
+    """The choices made on ResNet-20's holdout so far (None where its stages are not done yet)."""
+    w = work / "resnet20"
+    c = Choices()
+    s1 = {cfg: _holdout_top1(w / f"cal_{cfg}_{CHOICE_TARGET}" / "plan.json") for cfg in GRID if cfg != "control"}
+    c.scores["decay setting"] = s1
+    c.cfg = _best(s1)
+    if c.cfg is None:
+        return c
+    s2 = {m: _holdout_top1(w / f"cal_{c.cfg}{sfx(m, 'all')}_{CHOICE_TARGET}" / "plan.json") for m in MODES}
+    c.scores["threshold mode"] = s2
+    c.mode = _best(s2)
+    if c.mode is None:
+        return c
+    s3 = {s: _holdout_top1(w / f"cal_{c.cfg}{sfx(c.mode, s)}_{CHOICE_TARGET}" / "plan.json") for s in SELECTIONS}
+    c.scores["point selection"] = s3
+    c.select = _best(s3)
+    if c.select is None:
+        return c
+    tag = f"{c.cfg}{sfx(c.mode, c.select)}"
+    s4 = {"no": s3[c.select], "yes": _holdout_top1(w / f"pa_{tag}_{CHOICE_TARGET}" / "plan.json")}
+    c.scores["prune-aware phase"] = s4
+    best = _best(s4)
+    c.prune_aware = None if best is None else best == "yes"
+    return c
+
+
+def _select_args(model: str, work: Path, cfg: str, mode: str, sel: str, t: float,
+                 n_points: int) -> list[str] | None:
+    if sel == "all":
+        return ["--select", "all"]
+    if sel == "cv":
+        return ["--select", f"topk:{max(1, round(CV_FRACTION * n_points))}"]
+    # rand: as many random points as the CV selection chose at this target (seeded by model and target)
+    cv_plan = work / model / f"cal_{cfg}{sfx(mode, 'cv')}_{t}" / "plan.json"
+    if not cv_plan.is_file():
+        return None
+    p = json.loads(cv_plan.read_text())
+    names = sorted(p["taus"])
+    every = [q[0] for q in p["points"]]
+    pick = sorted(random.Random(f"{model}-{t}").sample(every, len(names)))
+    return ["--select", "all", *[a for n in pick for a in ("--include", n)]]
+
+
+def point_names(model: str) -> list[str]:
+    import torch
+
+    from instaprune import build_model, find_prune_points
+
+    return find_prune_points(build_model(model, 10), torch.zeros(1, 3, 32, 32)).names()
+
+
+def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices, holdout: int = 5000,
+           epochs: dict[str, int] | None = None) -> list[Stage]:
+    ep = {**EPOCHS, **(epochs or {})}
     w = work / model
-    common = ["--model", model, "--data-path", train_data, "--holdout", "5000", "-b", "128"]
+    n_points = len(point_names(model))
+    common = ["--model", model, "--data-path", train_data, "--holdout", str(holdout), "-b", "128"]
+    adapted = str(w / "adapt" / "model.pt")
     out: list[Stage] = [Stage("adapt", ["train", *common, "--checkpoint", CHECKPOINTS[model], "--epochs",
-                                        str(EPOCHS["adapt"]), "--lr", str(LR), "--wd", "1e-4", "--lam", "0",
+                                        str(ep["adapt"]), "--lr", str(LR), "--wd", "1e-4", "--lam", "0",
                                         "--checkpoint-every", "100", "--resume", "auto"],
                               w / "adapt", "metrics.json")]
-    grid = GRID if model == "resnet20" else {k: GRID[k] for k in ("control", chosen or "l1max_0.5")}
-    for cfg, (pen, lam, weights) in grid.items():
-        ft = w / f"ft_{cfg}"
-        out.append(Stage(f"ft_{cfg}", ["train", *common, "--checkpoint", str(w / "adapt" / "model.pt"),
-                                       "--epochs", str(EPOCHS["finetune"]), "--lr", str(LR), "--wd", "1e-4",
-                                       "--lam", str(lam), "--penalty", pen, "--weights", weights,
-                                       "--checkpoint-every", "100", "--resume", "auto"], ft, "metrics.json",
-                         ["adapt"]))
-        for t in (TARGETS if cfg in ("control", chosen) else (CHOICE_TARGET,)):
-            cal = w / f"cal_{cfg}_{t}"
-            out.append(Stage(cal.name, ["calibrate", *common, "--checkpoint", str(ft / "model.pt"),
-                                        "--target", str(t)], cal, "plan.json", [f"ft_{cfg}"]))
-            if cfg in ("control", chosen):
-                ev = w / f"ev_{cfg}_{t}"
-                out.append(Stage(ev.name, ["evaluate", "--model", model, "--data-path", test_data,
-                                           "--checkpoint", str(ft / "model.pt"), "--plan", str(cal / "plan.json"),
-                                           "--baseline-checkpoint", str(w / "adapt" / "model.pt")],
-                                 ev, "metrics.json", [cal.name]))
-    for tag, ckpt in (("ev_dense", w / "adapt" / "model.pt"), ("ev_unadapted", CHECKPOINTS[model])):
-        out.append(Stage(tag, ["evaluate", "--model", model, "--data-path", test_data, "--checkpoint", str(ckpt)],
+    for tag, ckpt in (("ev_dense", adapted), ("ev_unadapted", CHECKPOINTS[model])):
+        out.append(Stage(tag, ["evaluate", "--model", model, "--data-path", test_data, "--checkpoint", ckpt],
                          w / tag, "metrics.json", ["adapt"]))
+
+    def ft(cfg: str) -> Stage:
+        pen, lam, weights = GRID[cfg]
+        return Stage(f"ft_{cfg}", ["train", *common, "--checkpoint", adapted, "--epochs", str(ep["finetune"]),
+                                   "--lr", str(LR), "--wd", "1e-4", "--lam", str(lam), "--penalty", pen,
+                                   "--weights", weights, "--checkpoint-every", "100", "--resume", "auto"],
+                     w / f"ft_{cfg}", "metrics.json", ["adapt"])
+
+    def cal(cfg: str, mode: str, sel: str, t: float) -> Stage:
+        name = f"cal_{cfg}{sfx(mode, sel)}_{t}"
+        sa = _select_args(model, work, cfg, mode, sel, t, n_points)
+        deps = [f"ft_{cfg}"] + ([f"cal_{cfg}{sfx(mode, 'cv')}_{t}"] if sel == "rand" else [])
+        args = None if sa is None else ["calibrate", *common, "--checkpoint", str(w / f"ft_{cfg}" / "model.pt"),
+                                        "--target", str(t), "--mode", mode, *sa]
+        return Stage(name, args, w / name, "plan.json", deps)
+
+    def pa(cfg: str, mode: str, sel: str, t: float) -> Stage:
+        name = f"pa_{cfg}{sfx(mode, sel)}_{t}"
+        sa = _select_args(model, work, cfg, mode, sel, t, n_points)
+        args = None if sa is None else [
+            "train", *common, "--checkpoint", str(w / f"ft_{cfg}" / "model.pt"), "--epochs", "0", "--lr", str(LR),
+            "--wd", "1e-4", "--lam", "0", "--prune-aware-epochs", str(ep["prune_aware"]), "--prune-aware-lr",
+            str(PA_LR), "--target", str(t), "--mode", mode, *sa, "--checkpoint-every", "100", "--resume", "auto"]
+        return Stage(name, args, w / name, "metrics.json", [f"ft_{cfg}"])  # metrics.json is written last
+
+    def ev(src: Stage, ckpt: str) -> Stage:
+        name = "ev_" + src.name.split("_", 1)[1] if src.name.startswith("cal_") else "ev_" + src.name
+        inc = [] if src.args is None else [a for i, a in enumerate(src.args) if a == "--include"
+                                          or (i > 0 and src.args[i - 1] == "--include")]
+        args = None if src.args is None else ["evaluate", "--model", model, "--data-path", test_data,
+                                              "--checkpoint", ckpt, "--plan", str(src.out / "plan.json"),
+                                              "--baseline-checkpoint", adapted, *inc]
+        return Stage(name, args, w / name, "metrics.json", [src.name])
+
+    if model == "resnet20":
+        for cfg in GRID:
+            out.append(ft(cfg))
+            out.append(cal(cfg, "max", "all", CHOICE_TARGET))
+        if ch.cfg:
+            out += [cal(ch.cfg, m, "all", CHOICE_TARGET) for m in MODES[1:]]
+        if ch.mode:
+            out.append(cal(ch.cfg, ch.mode, "cv", CHOICE_TARGET))
+        if ch.select:
+            out.append(pa(ch.cfg, ch.mode, ch.select, CHOICE_TARGET))
+    if ch.prune_aware is None:
+        return out  # the rows wait for every choice (ResNet-56 waits for ResNet-20's)
+    cfg, mode, sel = ch.cfg, ch.mode, ch.select
+    if model != "resnet20":
+        out += [ft(cfg), ft("control")]
+    pa_epochs = ep["prune_aware"] if ch.prune_aware else 0
+    for t in TARGETS:
+        for c in (cfg, "control"):
+            s = pa(c, mode, sel, t) if ch.prune_aware else cal(c, mode, sel, t)
+            out += [s, ev(s, str(s.out / "model.pt") if ch.prune_aware else str(w / f"ft_{c}" / "model.pt"))]
+        for abl in ("all", "cv", "rand"):  # ablation 4: calibration only (no prune-aware phase), chosen decay
+            s = cal(cfg, mode, abl, t)
+            have = {x.name for x in out}
+            e = ev(s, str(w / f"ft_{cfg}" / "model.pt"))
+            out += [x for x in (s, e) if x.name not in have]
+        name = f"ev_static_{t}"
+        out.append(Stage(name, ["static-stage", "--model", model, "--checkpoint", adapted, "--train-data",
+                                train_data, "--test-data", test_data, "--holdout", str(holdout), "--target", str(t),
+                                "--epochs", str(ep["finetune"]), "--pa-epochs", str(pa_epochs)],
+                         w / name, "metrics.json", ["adapt"], script=True))
     return out
 
 
-def choose(work: Path, model: str) -> str | None:
-    """The decay setting with the best holdout (calibration-split) top-1 at the choice target, if all are done."""
-    scores = {}
-    for cfg in GRID:
-        if cfg == "control":
-            continue
-        f = work / model / f"cal_{cfg}_{CHOICE_TARGET}" / "plan.json"
-        if not f.is_file():
-            return None
-        cal = json.loads(f.read_text())["calibration"]
-        scores[cfg] = cal["results"][cal["chosen"]]["top1"]
-    return max(scores, key=scores.get) if scores else None
+def _busy(out: Path) -> bool:
+    """Another live process has ``--output-dir <out>`` on its command line."""
+    key = f"--output-dir\0{out}\0".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if key in (d / "cmdline").read_bytes() + b"\0":
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def run_stage(s: Stage, threads: int, dry: bool) -> float:
-    cmd = [sys.executable, "-m", "instaprune", *s.args, "--output-dir", str(s.out)]
-    print(("DRY " if dry else "") + " ".join(cmd), flush=True)
+    base = [sys.executable, str(Path(__file__).resolve())] if s.script else [sys.executable, "-m", "instaprune"]
+    cmd = [*base, *(s.args or []), "--output-dir", str(s.out)]
+    print(time.strftime("%H:%M:%S ") + ("DRY " if dry else "") + " ".join(cmd[1:]), flush=True)
     if dry:
         return 0.0
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     s.out.mkdir(parents=True, exist_ok=True)
-    with open(s.out.with_suffix(".log"), "a") as log:
-        r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"stage {s.name} failed (exit {r.returncode}); see {s.out.with_suffix('.log')}")
     cost = s.out / "cost.json"
     prev = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
-    cost.write_text(json.dumps({"seconds": prev + seconds, "threads": threads, "command": cmd[1:]}))
+    t0, c0 = time.perf_counter(), os.times()
+    with open(s.log, "a") as log:
+        r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds, c1 = time.perf_counter() - t0, os.times()
+    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    from instaprune.io import atomic_write_json
+
+    rec = {"seconds": prev + seconds, "threads": threads, "command": cmd[1:], "cpu_seconds_last_attempt": cpu}
+    atomic_write_json(cost, rec)
+    if r.returncode != 0:
+        raise SystemExit(f"stage {s.name} failed (exit {r.returncode}); see {s.log}")
+    atomic_write_json(s.out / "done.json", {**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return seconds
 
 
 def cost_of(s: Stage) -> float | None:
-    for f in (s.out / "cost.json", s.out / "metrics.json"):
-        if f.is_file():
-            v = json.loads(f.read_text()).get("seconds")
-            if v is not None:
-                return float(v)
+    """Wall seconds of a stage: the runner's record, else ``/usr/bin/time`` output beside it, else training's."""
+    if (s.out / "cost.json").is_file():
+        return float(json.loads((s.out / "cost.json").read_text())["seconds"])
+    tf = s.out.parent / f"{s.out.name}.time"  # /usr/bin/time -o of stages run by hand
+    if tf.is_file() and tf.read_text().strip():
+        try:
+            return float(tf.read_text().split()[0])
+        except ValueError:
+            pass
+    if (s.out / "metrics.json").is_file():
+        v = json.loads((s.out / "metrics.json").read_text()).get("seconds")
+        return None if v is None else float(v)
     return None
+
+
+def static_stage(a: argparse.Namespace) -> int:
+    """L1-norm filter pruning of the adapted model to ``--target`` MACs reduction, fine-tuned with fixed masks
+    (``--epochs`` at lr 0.02 cosine, then ``--pa-epochs`` at 0.002: the method's schedule), evaluated on test."""
+    import numpy as np
+    import torch
+
+    from instaprune.checkpoint import save_checkpoint
+    from instaprune.data import iterate_batches
+    from instaprune.io import atomic_write, atomic_write_json
+    from instaprune.pipeline import discover, load_model, load_split
+    from instaprune.regularizer import FeatureDecayConfig
+    from instaprune.static import apply_masks, find_pairs, static_plan
+    from instaprune.train import TrainConfig, evaluate_top1, train
+
+    t0 = time.perf_counter()
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(a.model, a.checkpoint)
+    train_set = load_split(a.train_data, lm.pre, a.holdout, "train")
+    val = load_split(a.train_data, lm.pre, a.holdout, "holdout")
+    test = load_split(a.test_data, lm.pre)
+    points = discover(lm.model, lm.pre)
+    x = torch.zeros(1, 3, lm.pre.input_size or 32, lm.pre.input_size or 32)
+    plan_file = out / "static_plan.json"
+    if plan_file.is_file():  # resumed: the masks come from the original (pre-fine-tune) weights
+        from instaprune.static import StaticPlan
+
+        plan = StaticPlan.from_dict(json.loads(plan_file.read_text()), find_pairs(lm.model, x)[0])
+    else:
+        plan = static_plan(lm.model, x, a.target, scope=a.scope)
+        atomic_write_json(plan_file, plan.to_dict())
+    handles = apply_masks(lm.model, plan)
+    base = TrainConfig(epochs=a.epochs, batch_size=128, lr=LR, weight_decay=1e-4, checkpoint_every=100,
+                       decay=FeatureDecayConfig(0.0))
+    history = []
+    for i, cfg in enumerate([base] + ([replace(base, epochs=a.pa_epochs, lr=PA_LR)] if a.pa_epochs else [])):
+        res = train(lm.model, train_set, cfg, points, lm.pre, out / f"phase{i + 1}", val, resume="auto")
+        history += res.history
+    lm.model.eval()
+    correct = []
+    with torch.no_grad():
+        for xb, yb, _ in iterate_batches(test, 256, lm.pre.mean, lm.pre.std):
+            correct.append(lm.model(xb).argmax(1) == yb)
+    corr = torch.cat(correct).numpy()
+    val_top1 = evaluate_top1(lm.model, val, lm.pre)
+    for h in handles:
+        h.remove()
+    save_checkpoint(out / "model.pt", lm.model, {"model_name": a.model, "preprocessing": lm.pre.to_dict()})
+    atomic_write(out / "per_image.npz", lambda f: np.savez_compressed(f, correct=corr))
+    top1 = float(corr.mean())
+    atomic_write_json(out / "metrics.json", {
+        "method": "static L1-norm filter pruning (Li et al. 2017), block-internal channels", "scope": a.scope,
+        "target": a.target, "flops_reduction": plan.reduction, "macs": plan.macs, "dense_macs": plan.dense_macs,
+        "top1": top1, "dense_top1": top1, "val_top1": val_top1, "epochs": a.epochs, "pa_epochs": a.pa_epochs,
+        "history": history, "seconds": time.perf_counter() - t0})
+    return 0
+
+
+def write_results_md() -> Path:
+    """RESULTS.md: the schedule (epochs per run) and every model's tables from ``results/cifar10_<model>.md``."""
+    from instaprune.io import atomic_write_text
+
+    lines = ["# Results: CIFAR-10 study (issue 4)", "",
+             "Generated by `python benchmarks/cifar10_study.py report --model <model>` from the finished stages;",
+             "missing stages are listed as pending. Test split: ../shared/data/cifar10-test-jpeg (10,000 JPEG images);",
+             "every choice is made on the 5,000-image holdout of the JPEG training split, never on the test split.",
+             "", "Epochs per run (batch 128, SGD momentum 0.9 Nesterov, wd 1e-4, cosine schedule, 1 thread):", "",
+             "| run | starts from | epochs | lr | lambda |", "|---|---|---|---|---|",
+             f"| adapt (baseline_top1) | public checkpoint | {EPOCHS['adapt']} | {LR} | 0 |",
+             f"| ft_<cfg> (decay grid) | adapt | {EPOCHS['finetune']} | {LR} | see grid |",
+             f"| ft_control (ablation 3) | adapt | {EPOCHS['finetune']} | {LR} | 0 |",
+             f"| pa_<cfg>_<target> (prune-aware) | ft_<cfg> | {EPOCHS['prune_aware']} | {PA_LR} | 0 |",
+             f"| ev_static_<target> | adapt, pruned | {EPOCHS['finetune']} (+{EPOCHS['prune_aware']} if the method "
+             f"uses prune-aware) | {LR} (then {PA_LR}) | 0 |", "",
+             "Decay grid (penalty, lambda, weights): "
+             + ", ".join(f"{k} = {v}" for k, v in GRID.items()) + ".", ""]
+    for model in sorted(CHECKPOINTS):
+        md = ROOT / "results" / f"cifar10_{model}.md"
+        if md.is_file():
+            lines += [md.read_text().replace("# CIFAR-10 study", "## CIFAR-10 study", 1), ""]
+        else:
+            lines += [f"## CIFAR-10 study: {model}", "", "pending (no stage reported yet)", ""]
+    return atomic_write_text(ROOT / "RESULTS.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("run", "status", "report"))
+    ap.add_argument("action", choices=("run", "status", "report", "static-stage"))
     ap.add_argument("--model", default="resnet20", choices=sorted(CHECKPOINTS))
     ap.add_argument("--work", default=".data/study")
     ap.add_argument("--train-data", default=".data/cifar10-train-jpeg")
     ap.add_argument("--test-data", default="../shared/data/cifar10-test-jpeg")
+    ap.add_argument("--holdout", type=int, default=5000, help="calibration/validation images held out of train")
+    ap.add_argument("--epochs", default="", help="override stage epochs, e.g. 'adapt=1,finetune=1' (smoke tests)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="run only stages whose name starts with this")
     ap.add_argument("--dry-run", action="store_true")
+    # static-stage (internal: one stage of the study)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--target", type=float)
+    ap.add_argument("--pa-epochs", type=int, default=0)
+    ap.add_argument("--scope", default="uniform", choices=("uniform", "global"))
+    ap.add_argument("--output-dir")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
+    if a.action == "static-stage":
+        a.epochs = int(a.epochs)
+        return static_stage(a)
     inputs = ((a.train_data, "training split"), (a.test_data, "test split"), (CHECKPOINTS[a.model], "checkpoint"))
     for p, what in inputs:
         if not Path(p).exists():
             print(f"cifar10_study: {what} not found: {p}", file=sys.stderr)
             return 2
     work = Path(a.work)
-    chosen = choose(work, "resnet20")
-    plan = stages(a.model, work, a.train_data, a.test_data, chosen)
+    ep = {k: int(v) for k, v in (kv.split("=") for kv in a.epochs.split(",") if kv)}
+
+    def build() -> tuple[Choices, list[Stage]]:
+        ch = choose(work)
+        return ch, stages(a.model, work, a.train_data, a.test_data, ch, a.holdout, ep)
+
+    ch, plan = build()
     if a.action == "status":
         for s in plan:
             c = cost_of(s)
-            print(f"{'done' if s.done() else 'todo':4}  {s.name:28} {'' if c is None else f'{c:8.0f} s'}")
-        print(f"chosen setting (holdout top-1 at {CHOICE_TARGET:.0%}): {chosen or 'not yet (grid incomplete)'}")
+            state = "done" if s.done() else ("busy" if _busy(s.out) else "todo")
+            print(f"{state:4}  {s.name:40} {'' if c is None else f'{c:8.0f} s'}")
+        print(f"choices so far (holdout top-1 at {CHOICE_TARGET:.0%}): {json.dumps(ch.__dict__)}")
         return 0
     if a.action == "report":
         from cifar10_report import write_report  # benchmarks/cifar10_report.py
 
-        write_report(a.model, work, plan, chosen)
+        write_report(a.model, work, plan, ch)
+        write_results_md()
         return 0
+    (work / a.model).mkdir(parents=True, exist_ok=True)
+    lock = open(work / a.model / ".runner.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"cifar10_study: another runner holds {work / a.model / '.runner.lock'}", file=sys.stderr)
+        return 2
     ran: set[str] = set()
-    while True:  # the plan grows once the grid is calibrated (the chosen setting gets all targets)
-        chosen = choose(work, "resnet20")
-        plan = stages(a.model, work, a.train_data, a.test_data, chosen)
+    while True:  # the plan grows as choices are made on the holdout
+        ch, plan = build()
         by_name = {s.name: s for s in plan}
-        ready = [s for s in plan if not s.done() and s.name.startswith(a.only) and s.name not in ran
-                 and all(by_name[d].done() for d in s.deps)]
+        ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(a.only)
+                 and s.name not in ran and all(d in by_name and by_name[d].done() for d in s.deps)
+                 and not _busy(s.out)]
         if not ready:
             break
         ran.add(ready[0].name)

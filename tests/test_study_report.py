@@ -37,3 +37,43 @@ def test_rows_matched_and_interpolated(tmp_path):
     assert r["interpolated"] and r["flops_reduction"] == 0.45
     assert abs(r["top1"] - (0.90 + (0.88 - 0.90) * (0.45 - 0.305) / (0.47 - 0.305))) < 1e-12
     assert rows[0.6].get("unmatched") and rows[0.6]["top1"] == 0.85  # beyond the measured range: as measured
+
+
+def _plan(d: Path, top1: float, taus=None, points=None) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "plan.json").write_text(json.dumps({"calibration": {"chosen": "greedy", "results": {"greedy": {"top1": top1}}},
+                                             "taus": taus or {}, "points": points or []}))
+
+
+def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
+    import cifar10_study as st
+
+    w = tmp_path / "resnet20"
+    names = lambda s: {x.name for x in s}  # noqa: E731
+    plan = st.stages("resnet20", tmp_path, "tr", "te", st.choose(tmp_path))
+    assert "ft_control" in names(plan) and not any(n.startswith("ev_static") for n in names(plan))
+    for i, cfg in enumerate(c for c in st.GRID if c != "control"):
+        _plan(w / f"cal_{cfg}_0.6", 0.80 + (0.05 if cfg == "l21_0.05" else 0.0) + 0.001 * i)
+    ch = st.choose(tmp_path)
+    assert ch.cfg == "l21_0.05" and ch.mode is None
+    _plan(w / "cal_l21_0.05_mean_all_0.6", 0.90)
+    _plan(w / "cal_l21_0.05_one_all_0.6", 0.85)
+    _plan(w / "cal_l21_0.05_mean_cv_0.6", 0.80)
+    ch = st.choose(tmp_path)
+    assert (ch.mode, ch.select, ch.prune_aware) == ("mean", "all", None)
+    assert "pa_l21_0.05_mean_all_0.6" in names(st.stages("resnet20", tmp_path, "tr", "te", ch))
+    _plan(w / "pa_l21_0.05_mean_all_0.6", 0.91)
+    ch = st.choose(tmp_path)
+    assert ch.prune_aware is True
+    plan = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}
+    for t in st.TARGETS:
+        assert {f"ev_pa_l21_0.05_mean_all_{t}", f"ev_pa_control_mean_all_{t}", f"ev_static_{t}",
+                f"ev_l21_0.05_mean_cv_{t}", f"ev_l21_0.05_mean_rand_{t}"} <= set(plan)
+    assert plan["cal_l21_0.05_mean_rand_0.3"].args is None  # waits for the CV selection's point count
+    pts = [[f"p{i}", "conv", 16, 1] for i in range(10)]
+    _plan(w / "cal_l21_0.05_mean_cv_0.3", 0.8, taus={"p1": 1.0, "p2": 1.0, "p3": 1.0}, points=pts)
+    rand = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["cal_l21_0.05_mean_rand_0.3"]
+    assert rand.args.count("--include") == 3
+    ev = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["ev_l21_0.05_mean_rand_0.3"]
+    assert ev.args.count("--include") == 3  # evaluation sees the same points as the calibration
+    assert plan["ev_static_0.6"].args[plan["ev_static_0.6"].args.index("--pa-epochs") + 1] == "1"
