@@ -76,10 +76,11 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
     return rows
 
 
-def write_report(model: str, work_root: Path, plan: list, ch: Any) -> Path:
+def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path = ROOT / "results") -> Path:
     """Rows from whatever stages are done (missing ones are listed as pending), choice tables, costs, plots."""
     from instaprune.io import atomic_write_json, atomic_write_text
 
+    results.mkdir(parents=True, exist_ok=True)
     work = work_root / model
     dense = _load(work / "ev_dense" / "metrics.json")
     unadapted = _load(work / "ev_unadapted" / "metrics.json")
@@ -124,13 +125,13 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any) -> Path:
             "torch": _torch(), "cores": os.cpu_count(), "threads_per_stage": 1,
             "choices": None if ch is None else {k: getattr(ch, k) for k in ("cfg", "mode", "select", "prune_aware")},
             "pending_stages": pending}
-    out = ROOT / "results" / f"cifar10_{model}.json"
+    out = results / f"cifar10_{model}.json"
     atomic_write_json(out, {"meta": meta, "rows": rows, "choices": grid, "costs": costs,
                             "measured": sorted(f"{a}@{b}" for a, b in have if a)})
-    atomic_write_text(ROOT / "results" / f"cifar10_{model}.md", _markdown(model, meta, rows, grid, costs))
-    _plot(rows, ROOT / "results" / f"cifar10_{model}_accuracy_vs_flops.png", model)
+    atomic_write_text(results / f"cifar10_{model}.md", _markdown(model, meta, rows, grid, costs))
+    _plot(rows, results / f"cifar10_{model}_accuracy_vs_flops.png", model)
     if method_tag:
-        _plot_instances(work, method_tag, ROOT / "results" / f"cifar10_{model}_per_image.png", model)
+        _plot_instances(work, method_tag, results / f"cifar10_{model}_per_image.png", model)
     return out
 
 
