@@ -188,6 +188,8 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
         diff = None if r.get("baseline_top1") is None else 100 * (r["top1"] - r["baseline_top1"])
         ci = "" if not r.get("ci95") else f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
         note = "interpolated" if r.get("interpolated") else ("outside measured range" if r.get("unmatched") else "")
+        if r.get("unadapted_top1") is not None:
+            note = f"unadapted public checkpoint: {r['unadapted_top1']:.4f}"
         lines.append(f"| {r['method']} | {r['target']:.2f} | {f(r['flops_reduction'], 3)} | {f(r['top1'])} | "
                      f"{f(r.get('baseline_top1'))} | {'' if diff is None else f'{diff:+.2f}'} | {ci} | {note} |")
     if PEERS.get(model):

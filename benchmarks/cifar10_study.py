@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", type=int, default=5000, help="calibration/validation images held out of train")
     ap.add_argument("--epochs", default="", help="override stage epochs, e.g. 'adapt=1,finetune=1' (smoke tests)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", default="", help="comma-separated subset of the decay grid (smoke tests)")
+    ap.add_argument("--targets", default="", help="comma-separated subset of the targets (smoke tests)")
     ap.add_argument("--results-dir", default="results", help="where 'report' writes (RESULTS.md beside the repo's)")
     ap.add_argument("--only", default="", help="run only stages whose name starts with this")
     ap.add_argument("--dry-run", action="store_true")
@@ -409,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
+    global GRID, TARGETS
+    if a.grid:
+        GRID = {k: GRID[k] for k in ["control", *a.grid.split(",")]}
+    if a.targets:
+        TARGETS = tuple(float(t) for t in a.targets.split(","))
     if a.action == "static-stage":
         a.epochs = int(a.epochs)
         return static_stage(a)
