@@ -393,3 +393,25 @@ def test_benchmark_plan_rows_and_breakdown():
         assert set(r["breakdown_ms"]) == {"saliency", "gather", "conv", "other"}
         assert r["executed_flops_reduction"] <= r["flops_reduction"] + 1e-9
     assert rows[0]["dynamic_latency_ms"]["n"] == 3
+
+
+def test_auto_tuning_settles_and_every_trial_is_exact():
+    from instaprune.engine_modules import DynamicConv2d
+
+    model, rep, size = model_and_points("resnet20")
+    plan = plan_for(rep, {n: 0.5 for n in rep.names()})
+    engine = to_dynamic(model, rep, plan)
+    ref = MaskedModel(model, rep, plan.taus, CFG)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 3, size, size, generator=gen)
+    ref.forced = engine.forced = random_masks(rep, 8, 0.5, gen)
+    with torch.no_grad():
+        expect = ref(x)
+    ref.remove()
+    for _ in range(8):  # the trials run different strategies; each must be exact
+        assert_close(engine(x), expect)
+    layers = [m for m in engine.dynamic.values() if isinstance(m, DynamicConv2d)]
+    assert any(m._tuned for m in layers) and not any(m.tuning for m in layers)
+    assert engine.warmup(x) == 1
+    engine.tune = False
+    assert_close(engine(x), expect)

@@ -76,6 +76,26 @@ class DynamicModel(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             return self.net(x)
 
+    def warmup(self, x: torch.Tensor, max_calls: int = 16) -> int:
+        """Run ``x`` until every layer has finished timing its candidates for the regimes ``x`` leads to (the
+        ``tune`` option of ``engine_modules``); returns the number of forwards run (at least one)."""
+        calls = 0
+        while calls < max_calls:
+            self(x)
+            calls += 1
+            if not any(m.tuning for m in self.dynamic.values() if isinstance(m, DynamicConv2d)):
+                break
+        return calls
+
+    @property
+    def tune(self) -> bool:
+        """Let ``auto`` time its candidates on the first calls of each batched regime (default True)."""
+        return self._ctx.tune
+
+    @tune.setter
+    def tune(self, value: bool) -> None:
+        self._ctx.tune = bool(value)
+
     @property
     def strategy(self) -> str:
         return self._ctx.strategy
@@ -184,7 +204,8 @@ def _taus(points: PointReport, plan: Plan | None,
 
 
 def to_dynamic(model: nn.Module, points: PointReport, plan: Plan | None = None, *, scale: float | None = None,
-               strategy: str = "auto", channels_last: bool | None = None, check: bool = True) -> DynamicModel:
+               strategy: str = "auto", channels_last: bool | None = None, check: bool = True,
+               tune: bool = True) -> DynamicModel:
     """Build the fast dynamic model of ``model`` for ``plan`` (``None``: the BN-folded dense model).
 
     ``points`` is the model's :func:`find_prune_points` report (it fixes the MACs accounting); ``scale``
@@ -193,11 +214,13 @@ def to_dynamic(model: nn.Module, points: PointReport, plan: Plan | None = None, 
     for larger batches (measured: at batch 1 NCHW gathers channels and computes saliencies fastest and
     oneDNN is as fast or faster on it; at batch 32 NHWC convs win, e.g. ResNet-18 keep 1.0: 1.20 s vs 1.49 s,
     keep 0.5: 1.05 s vs 1.16 s, 1 thread). ``check`` compares the rewritten model with all channels
-    kept against ``model`` on a random example input and raises :class:`ModelError` on a mismatch."""
+    kept against ``model`` on a random example input and raises :class:`ModelError` on a mismatch. ``tune``: on
+    channels_last batches ``auto`` times its candidate strategies on the first calls of each regime and keeps
+    the fastest (``DynamicModel.warmup`` runs an input until that settles); False = the cost model alone."""
     taus, cfg = _taus(points, plan, scale)
     if strategy not in ENGINE_STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(ENGINE_STRATEGIES)}, got {strategy!r}")
-    ctx = EngineContext(strategy=strategy)
+    ctx = EngineContext(strategy=strategy, tune=tune)
 
     def build(name: str, m: nn.Module, bn: nn.BatchNorm2d | None, act: str | None) -> nn.Module | None:
         if isinstance(m, nn.Linear):

@@ -205,6 +205,7 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
                     engine(x)
                     summaries.append(engine.summary())
             else:
+                engine.warmup(first)  # auto's tuning settles before any timing
                 fns = {"dense": lambda f=dense[best], x=first: f(x), "dynamic": lambda x=first: engine(x)}
                 tm = time_alternating(fns, pairs, t, clock)
                 row.update(dense_ms=statistics.median(tm["dense"]),

@@ -27,6 +27,7 @@ A dynamic consumer computes the saliency of its input, the keep mask (the rule o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,9 @@ _RELAYOUT_NS = 0.5
 #: the cost model with NHWC channel gathers (index_select over the rows of the (N*H*W, C) view: ~0.6 ns per
 #: element measured, against 0.1-0.2 ns for whole NCHW planes)
 _COST_CL = {**COST, "xf": 0.6}
+#: tuning of the batched channels_last choice: candidates within this factor of the model's best, at most
+#: this many, each timed this many times (the minimum counts)
+_TUNE_SPAN, _TUNE_MAX, _TUNE_TRIES = 3.0, 3, 2
 _NATIVE_NUMEL = 20480  # PyTorch's batch-1 threshold between its native conv and oneDNN (Convolution.cpp)
 _SCRATCH_BYTES = 32 << 20  # glibc's largest heap-served allocation; larger ones are mmap'ed per call
 
@@ -63,13 +67,15 @@ class EngineContext:
 
     forced: point -> bool (N, C) masks overriding the thresholds (kept as numpy too, converted once when
     set); strategy: ``auto`` or one forced strategy; record: keep each call's saliencies, thresholds and masks
-    in ``records`` (for tests and reports)."""
+    in ``records`` (for tests and reports); tune: let ``auto`` time its candidates on channels_last batches
+    (see ``DynamicConv2d._pick_batch_cl``)."""
 
     forced_masks: dict[str, torch.Tensor] | None = None
     forced_pays_saliency: bool = False  # benchmarks: compute (and discard) the saliencies under forced masks
     strategy: str = "auto"
     record: bool = False
     profile: bool = False  # wrap saliency and sparse execution in torch.profiler scopes
+    tune: bool = True
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     scratch: torch.Tensor | None = None  # reusable buffer for large masked copies (consumed at once)
     forced_np: dict[str, np.ndarray] = field(default_factory=dict)
@@ -160,6 +166,7 @@ class DynamicConv2d(nn.Module):
         self.register_buffer("mult_ar", torch.arange(sparse.out_channels // sparse.groups))
         self._p: dict | None = None
         self._picks: dict[tuple, str] = {}
+        self._tuned: dict[tuple, dict] = {}  # batched regime -> candidates, their times, the pick
 
     def _apply(self, fn, recurse=True):
         self._p = None
@@ -235,8 +242,10 @@ class DynamicConv2d(nn.Module):
                 out = self._masked_dense(x, keep, p)
         elif _is_cl(x):  # channels_last batch (to_dynamic's layout above batch 1); the output stays NHWC
             mask = torch.from_numpy(keep)
+            trial = None
             if strategy == "auto":
-                strategy = self._pick_batch_cl(MaskStats.of(mask), (h, w), (ho, wo), p)
+                strategy, trial = self._pick_batch_cl(MaskStats.of(mask), (h, w), (ho, wo), p, ctx.tune)
+                t0 = time.perf_counter()
             if p["groups"] == 1 and strategy == "loop":
                 out = torch.cat([self._single(x[i:i + 1], keep[i], ho, wo, p) for i in range(n)])
             elif p["groups"] == 1 and strategy == "union":
@@ -245,6 +254,10 @@ class DynamicConv2d(nn.Module):
                 out = self._masked_dense(x, keep, p)
             else:  # the NCHW kernels (padded, bucket; grouped loop/union): relayout in and out
                 out = sp(x, mask, strategy).contiguous(memory_format=torch.channels_last)
+            if trial is not None:
+                trial["times"][strategy].append(time.perf_counter() - t0)
+                if all(len(v) >= _TUNE_TRIES for v in trial["times"].values()):
+                    trial["pick"] = min(trial["times"], key=lambda k: min(trial["times"][k]))
         else:
             mask = torch.from_numpy(keep)
             if strategy == "auto":
@@ -282,13 +295,19 @@ class DynamicConv2d(nn.Module):
         out = F.conv2d(xg, p["w"].index_select(1, idx), p["b"], p["stride"], p["padding"], p["dilation"])
         return apply_activation(out, p["act"])
 
-    @staticmethod
-    def _pick_batch_cl(stats: MaskStats, in_hw: tuple[int, int], out_hw: tuple[int, int], p: dict) -> str:
-        """Batch > 1 on channels_last: the cheapest strategy by the kernels' cost model, adjusted for this
-        layout: gathering channels from NHWC rows costs ``_CL_GATHER`` per element (measured ~0.6 ns against
-        0.1-0.2 ns for NCHW planes), per-instance convs cost ``_LOOP_PENALTY`` more per MAC, the NCHW kernels
-        (padded; every non-dense strategy of a grouped conv) pay both relayouts, and the union is dropped when
-        it is every channel (the masked dense conv does the same work without the gather)."""
+    def _pick_batch_cl(self, stats: MaskStats, in_hw: tuple[int, int], out_hw: tuple[int, int], p: dict,
+                       tune: bool) -> tuple[str, dict | None]:
+        """Batch > 1 on channels_last: (strategy, the tuning entry when this call is a timed trial).
+
+        The kernels' cost model adjusted for this layout ranks the candidates: gathering channels from NHWC
+        rows costs ``_COST_CL['xf']`` ns per element (measured ~0.6 ns against 0.1-0.2 ns for NCHW planes),
+        per-instance convs cost ``_LOOP_PENALTY`` more per MAC, the NCHW kernels (padded; every non-dense
+        strategy of a grouped conv) pay both relayouts, and the union is dropped when it is every channel.
+        The model misranks small convs (e.g. CIFAR ResNet-56 layers at batch 32: oneDNN's grouped conv with
+        tiny groups is 2-3x slower per MAC than modelled at 16 channels and faster at 64), so with ``tune``
+        the first calls of each regime (batch, input size, keep ratio and union size in eighths) time the
+        candidates the model rates within ``_TUNE_SPAN`` of its best (at most ``_TUNE_MAX``), each
+        ``_TUNE_TRIES`` times, and the fastest (minimum time) is kept for that regime."""
         g = p["groups"]
         relayout = (stats.n * stats.channels * in_hw[0] * in_hw[1]
                     + stats.n * p["cout"] * out_hw[0] * out_hw[1]) * _RELAYOUT_NS / 1e3
@@ -302,7 +321,26 @@ class DynamicConv2d(nn.Module):
                 cost[key] += relayout
         if stats.union == stats.channels:
             del cost["union"]
-        return min(cost, key=cost.__getitem__)
+        best = min(cost, key=cost.__getitem__)
+        if not tune:
+            return best, None
+        nc = stats.n * stats.channels
+        key = (stats.n, in_hw, round(8 * stats.k_sum / nc), round(8 * stats.union / stats.channels))
+        entry = self._tuned.get(key)
+        if entry is None:
+            cands = sorted((s for s in cost if cost[s] <= _TUNE_SPAN * cost[best]), key=cost.__getitem__)
+            entry = self._tuned[key] = {"times": {s: [] for s in cands[:_TUNE_MAX]}, "pick": None}
+            if len(entry["times"]) == 1:
+                entry["pick"] = best
+        if entry["pick"] is not None:
+            return entry["pick"], None
+        todo = min(entry["times"], key=lambda k: len(entry["times"][k]))
+        return todo, entry
+
+    @property
+    def tuning(self) -> bool:
+        """True while a batched regime this layer met is still timing its candidates."""
+        return any(e["pick"] is None for e in self._tuned.values())
 
     def _pick_single(self, c: int, k: int, in_hw: tuple[int, int], out_hw: tuple[int, int], p: dict) -> str:
         """Batch 1: ``loop`` (exact work) or the masked dense conv. Depthwise: loop up to 60 % of the channels
