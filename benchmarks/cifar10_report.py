@@ -69,11 +69,26 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
                            measured_flops_reduction=m["flops_reduction"], measured_top1=m["top1"])
             else:
                 row["unmatched"] = True  # outside the measured range: reported as measured, not at the target
+        row.update(_latency(work / f"lat_{cfg}_{t}" / "benchmark.json"))
         if per is not None and base_correct is not None and not row["interpolated"]:
             lo_, hi_ = paired_bootstrap(per["correct"], base_correct)
             row["ci95"] = [lo_, hi_]
         rows.append(row)
     return rows
+
+
+def _latency(bench: Path) -> dict[str, Any]:
+    """Latency fields of a row from its ``instaprune benchmark`` output (engine vs the fastest dense model)."""
+    b = _load(bench)
+    out: dict[str, Any] = {}
+    for r in (b or {}).get("rows", []):
+        key = f"b{r['batch']}_t{r['threads']}"
+        out[f"latency_{key}"] = {
+            "dense_ms": r["dense_ms"], "dynamic_ms": r["dynamic_ms"], "measured_speedup": r["measured_speedup"],
+            "theoretical_speedup": r["theoretical_speedup"], "efficiency": r["efficiency"],
+            **({"dense_p50_ms": r["dense_latency_ms"]["p50"], "dynamic_p50_ms": r["dynamic_latency_ms"]["p50"],
+                "dynamic_p90_ms": r["dynamic_latency_ms"]["p90"]} if "dynamic_latency_ms" in r else {})}
+    return out
 
 
 def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path = ROOT / "results") -> Path:
@@ -192,6 +207,18 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
             note = f"unadapted public checkpoint: {r['unadapted_top1']:.4f}"
         lines.append(f"| {r['method']} | {r['target']:.2f} | {f(r['flops_reduction'], 3)} | {f(r['top1'])} | "
                      f"{f(r.get('baseline_top1'))} | {'' if diff is None else f'{diff:+.2f}'} | {ci} | {note} |")
+    lat = [r for r in rows if "latency_b1_t1" in r or "latency_b32_t1" in r]
+    if lat:
+        lines += ["", "Latency of the method's rows (fast engine vs the fastest dense model, 1 thread; batch 1: mean "
+                  "over 200 test images, p50 beside it; batch 32: median of alternating runs):", "",
+                  "| target | b1 dense ms | b1 dynamic ms (p50) | b1 speedup | b32 dense ms | b32 dynamic ms | "
+                  "b32 speedup | theoretical |", "|---|---|---|---|---|---|---|---|"]
+        for r in lat:
+            a, b = r.get("latency_b1_t1", {}), r.get("latency_b32_t1", {})
+            lines.append(f"| {r['target']:.2f} | {f(a.get('dense_ms'), 2)} | {f(a.get('dynamic_ms'), 2)} "
+                         f"({f(a.get('dynamic_p50_ms'), 2)}) | {f(a.get('measured_speedup'), 2)} | "
+                         f"{f(b.get('dense_ms'), 1)} | {f(b.get('dynamic_ms'), 1)} | {f(b.get('measured_speedup'), 2)} "
+                         f"| {f(a.get('theoretical_speedup') or b.get('theoretical_speedup'), 2)} |")
     if PEERS.get(model):
         lines += ["", "Published figures (theirs: original CIFAR-10 test set, their baselines, not reproduced here):",
                   "", "| method | FLOPs reduction | top-1 error increase (points) |", "|---|---|---|"]

@@ -10,6 +10,7 @@ Nothing is chosen on the test split: the 5,000-image holdout of the training spl
 validation split; every choice below is the best holdout top-1 after calibration to 60% FLOPs reduction.
 
     python benchmarks/cifar10_study.py run --model resnet20 [--only STAGE_PREFIX] [--threads 1] [--lanes 2] [--dry-run]
+    python benchmarks/cifar10_study.py run --model resnet20 --latency   # timing stages, on an idle machine
     python benchmarks/cifar10_study.py status --model resnet20
     python benchmarks/cifar10_study.py report --model resnet20     # results/cifar10_<model>.{json,md,png}
 
@@ -27,6 +28,9 @@ Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them
 5. At each target 0.3/0.45/0.6/0.7: calibration (and the prune-aware epoch if chosen) and test evaluation of the
    method, of the no-decay control, of the point-selection ablation (all / CV / random), and ``ev_static_<t>``:
    L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the same epochs and schedule.
+6. ``lat_<method>_<t>``: ``instaprune benchmark`` of each method row (the fast engine against the fastest dense
+   model, batch 1 over 200 test images and batch 32, one thread); only with ``run --latency``, which runs them
+   one at a time and should have the machine to itself.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Stage:
     done_file: str
     deps: list[str] = field(default_factory=list)
     script: bool = False  # run as ``cifar10_study.py`` instead of ``instaprune``
+    quiet: bool = False  # a timing stage: runs only with ``run --latency`` (alone, on an otherwise idle machine)
 
     @property
     def log(self) -> Path:
@@ -233,7 +238,15 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     for t in TARGETS:
         for c in (cfg, "control"):
             s = pa(c, mode, sel, t) if ch.prune_aware else cal(c, mode, sel, t)
-            out += [s, ev(s, str(s.out / "model.pt") if ch.prune_aware else str(w / f"ft_{c}" / "model.pt"))]
+            ckpt = str(s.out / "model.pt") if ch.prune_aware else str(w / f"ft_{c}" / "model.pt")
+            e = ev(s, ckpt)
+            out += [s, e]
+            if c == cfg:  # the method's rows carry batch-1 and batch-32 latency of the engine against dense
+                name = "lat_" + e.name[3:]
+                out.append(Stage(name, ["benchmark", "--model", model, "--checkpoint", ckpt, "--plan",
+                                        str(s.out / "plan.json"), "--data-path", test_data, "--batches", "1,32",
+                                        "--threads", "1", "--max-images", "200"],
+                                 w / name, "benchmark.json", [e.name], quiet=True))
         for abl in ("all", "cv", "rand"):  # ablation 4: calibration only (no prune-aware phase), chosen decay
             s = cal(cfg, mode, abl, t)
             have = {x.name for x in out}
@@ -403,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", default="", help="override stage epochs, e.g. 'adapt=1,finetune=1' (smoke tests)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lanes", type=int, default=1, help="stages run at once (each with --threads threads)")
+    ap.add_argument("--latency", action="store_true",
+                    help="run only the timing stages (lat_*: engine vs dense), one at a time; start it when "
+                         "nothing else runs on the machine (they are skipped otherwise)")
     ap.add_argument("--grid", default="", help="comma-separated subset of the decay grid (smoke tests)")
     ap.add_argument("--targets", default="", help="comma-separated subset of the targets (smoke tests)")
     ap.add_argument("--results-dir", default="results", help="where 'report' writes (RESULTS.md beside the repo's)")
@@ -463,13 +479,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ran: set[str] = set()
     running: dict[Future, str] = {}
+    if a.latency:
+        a.lanes = 1  # timing stages run one at a time
     with ThreadPoolExecutor(max_workers=a.lanes) as pool:
         while True:  # the plan grows as choices are made on the holdout; up to --lanes stages at once
             ch, plan = build()
             by_name = {s.name: s for s in plan}
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(a.only)
-                     and s.name not in ran and all(d in by_name and by_name[d].done() for d in s.deps)
-                     and not _busy(s.out)]
+                     and s.quiet == a.latency and s.name not in ran
+                     and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out)]
             for s in ready[: a.lanes - len(running)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, a.threads, a.dry_run)] = s.name

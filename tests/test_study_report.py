@@ -77,3 +77,23 @@ def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
     ev = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["ev_l21_0.05_mean_rand_0.3"]
     assert ev.args.count("--include") == 3  # evaluation sees the same points as the calibration
     assert plan["ev_static_0.6"].args[plan["ev_static_0.6"].args.index("--pa-epochs") + 1] == "1"
+    lat = plan["lat_pa_l21_0.05_mean_all_0.6"]  # the method's rows get a timing stage, run only with --latency
+    assert lat.quiet and lat.deps == ["ev_pa_l21_0.05_mean_all_0.6"] and lat.args[0] == "benchmark"
+    assert lat.args[lat.args.index("--plan") + 1].endswith("pa_l21_0.05_mean_all_0.6/plan.json")
+    assert "lat_pa_control_mean_all_0.6" not in plan and not plan["ev_static_0.6"].quiet
+
+
+def test_rows_carry_latency(tmp_path):
+    d = tmp_path / "ev_m_0.6"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"flops_reduction": 0.6, "top1": 0.9, "dense_top1": 0.91}))
+    lat = {"dense_latency_ms": {"p50": 6.0}, "dynamic_latency_ms": {"p50": 4.0, "p90": 4.5}}
+    rows = [{"batch": 1, "threads": 1, "dense_ms": 6.1, "dynamic_ms": 4.1, "measured_speedup": 6.1 / 4.1,
+             "theoretical_speedup": 2.4, "efficiency": 0.62, **lat},
+            {"batch": 32, "threads": 1, "dense_ms": 80.0, "dynamic_ms": 50.0, "measured_speedup": 1.6,
+             "theoretical_speedup": 2.4, "efficiency": 0.67}]
+    (tmp_path / "lat_m_0.6").mkdir()
+    (tmp_path / "lat_m_0.6" / "benchmark.json").write_text(json.dumps({"rows": rows}))
+    (r,) = method_rows(tmp_path, "m", "m", None, 0.91)
+    assert r["latency_b1_t1"]["dynamic_p50_ms"] == 4.0 and r["latency_b1_t1"]["dense_ms"] == 6.1
+    assert r["latency_b32_t1"]["measured_speedup"] == 1.6 and "dynamic_p50_ms" not in r["latency_b32_t1"]
