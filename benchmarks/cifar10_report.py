@@ -133,7 +133,7 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
     have = {(r.get("setting"), r["target"]) for r in rows}
     pending = [s.name for s in plan if not s.done()]
     grid = [{"choice": k, "holdout_top1_at_0.6": v} for k, v in (ch.scores.items() if ch is not None else [])]
-    costs = [{"stage": s.name, "done": s.done(), "seconds": _cost(s)} for s in plan]
+    costs = [{"stage": s.name, "done": s.done(), "seconds": _cost(s), "cpu_seconds": _cpu(s)} for s in plan]
     meta = {"command": f"python benchmarks/cifar10_study.py report --model {model}",
             "commit": _git("rev-parse", "HEAD"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -228,9 +228,12 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
                   "| option | holdout top-1 |", "|---|---|"]
         lines += [f"| {k} | {'pending' if v is None else f'{v:.4f}'} |" for k, v in g["holdout_top1_at_0.6"].items()]
     total = sum(c["seconds"] or 0 for c in costs)
-    lines += ["", f"Cost per stage (wall seconds, 1 thread unless noted; total so far {total / 3600:.2f} h):", "",
-              "| stage | done | seconds |", "|---|---|---|"]
-    lines += [f"| {c['stage']} | {'yes' if c['done'] else 'no'} | {f(c['seconds'], 0)} |" for c in costs]
+    cpu = sum(c.get("cpu_seconds") or 0 for c in costs)
+    lines += ["", f"Cost per stage (1 thread per stage; wall seconds include pauses for timing runs and sharing the "
+              f"2 cores with another stage; total so far {total / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU where "
+              "recorded):", "", "| stage | done | wall s | CPU s |", "|---|---|---|---|"]
+    lines += [f"| {c['stage']} | {'yes' if c['done'] else 'no'} | {f(c['seconds'], 0)} | {f(c.get('cpu_seconds'), 0)} |"
+              for c in costs]
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +265,15 @@ def _cost(s) -> float | None:
         if m and m.get("seconds") is not None:
             return float(m["seconds"])
     return None
+
+
+def _cpu(s) -> float | None:
+    """CPU seconds of a stage (the runner's record; stages resumed after a restart add up their attempts)."""
+    m = _load(s.out / "cost.json")
+    if not m:
+        return None
+    v = m.get("cpu_seconds", m.get("cpu_seconds_last_attempt"))
+    return None if v is None else float(v)
 
 
 def _git(*args: str) -> str:

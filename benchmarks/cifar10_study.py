@@ -282,7 +282,8 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     s.out.mkdir(parents=True, exist_ok=True)
     cost = s.out / "cost.json"
-    prev = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
+    old = json.loads(cost.read_text()) if cost.is_file() else {}
+    prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
     t0 = time.perf_counter()
     with open(s.log, "a") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -292,7 +293,9 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     r = p
     from instaprune.io import atomic_write_json
 
-    rec = {"seconds": prev + seconds, "threads": threads, "command": cmd[1:], "cpu_seconds_last_attempt": cpu}
+    # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
+    rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
+           "cpu_seconds_last_attempt": cpu}
     atomic_write_json(cost, rec)
     if r.returncode != 0:  # recorded; the runner goes on with stages that do not depend on it (retried next run)
         atomic_write_json(s.out / "failed.json", {**rec, "exit": r.returncode, "log": str(s.log)})
