@@ -415,3 +415,32 @@ def test_auto_tuning_settles_and_every_trial_is_exact():
     assert engine.warmup(x) == 1
     engine.tune = False
     assert_close(engine(x), expect)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_batch1_layouts_exact_and_layout_tuning_settles(name):
+    model, rep, size = model_and_points(name)
+    plan = plan_for(rep, {n: 0.5 for n in rep.names()})
+    ref = MaskedModel(model, rep, plan.taus, CFG)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, size, size, generator=gen)
+    cases = [(keep, random_masks(rep, 1, keep, gen)) for keep in ("floor", 0.5, 1.0)]
+    expect = []
+    for _, masks in cases:
+        ref.forced = masks
+        with torch.no_grad():
+            expect.append(ref(x))
+    ref.remove()
+    for cl in (False, True):  # each layout on its own, depthwise and gathered convs included
+        engine = to_dynamic(model, rep, plan, channels_last=cl)
+        for (_, masks), e in zip(cases, expect, strict=True):
+            engine.forced = masks
+            assert_close(engine(x), e)
+    engine = to_dynamic(model, rep, plan)  # auto: the first batch-1 calls time both layouts
+    engine.forced = cases[1][1]
+    assert engine.tuning is False and engine.warmup(x) == 6 and not engine.tuning
+    (choice,) = engine._layouts.values()
+    assert isinstance(choice, bool)
+    assert_close(engine(x), expect[1])
+    engine.tune = False  # no tuning: NCHW for a new shape
+    assert engine._layout(torch.zeros(1, 3, size + 8, size + 8))[0] is False
