@@ -424,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                 "git_commits": sorted({m["git_commit"] for m in metas}),
                 "date": max(m["date"] for m in metas), "pairs": min(m["pairs"] for m in metas),
                 "max_procs_running": max(m.get("max_procs_running", 0) for m in metas), "parts": metas}
-        rows = [row for r in runs for row in r["rows"]]
+        keyed: dict[tuple, dict] = {}  # a row measured again in a later part replaces the earlier one
+        for row in (row for r in runs for row in r["rows"]):
+            keyed[tuple(row.get(k) for k in ("level", "model", "layer", "batch", "threads", "keep"))] = row
+        rows = list(keyed.values())
         atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
         args.render_only = True
     if args.render_only:

@@ -436,11 +436,12 @@ def test_batch1_layouts_exact_and_layout_tuning_settles(name):
         for (_, masks), e in zip(cases, expect, strict=True):
             engine.forced = masks
             assert_close(engine(x), e)
-    engine = to_dynamic(model, rep, plan)  # auto: the first batch-1 calls time both layouts
+    engine = to_dynamic(model, rep, plan)  # auto: the first batch-1 call of a shape times both layouts
+    assert not engine._layouts  # to_dynamic's own check is no timing trial
     engine.forced = cases[1][1]
-    assert engine.tuning is False and engine.warmup(x) == 6 and not engine.tuning
+    assert_close(engine(x), expect[1])  # the probe (all channels kept) leaves the caller's masks in force
     (choice,) = engine._layouts.values()
-    assert isinstance(choice, bool)
-    assert_close(engine(x), expect[1])
+    assert isinstance(choice, bool) and engine.warmup(x) == 1 and not engine.tuning
+    assert torch.equal(engine.last_masks()[rep.names()[0]], cases[1][1][rep.names()[0]])
     engine.tune = False  # no tuning: NCHW for a new shape
-    assert engine._layout(torch.zeros(1, 3, size + 8, size + 8))[0] is False
+    assert engine._layout(torch.zeros(1, 3, size + 8, size + 8)) is False

@@ -47,7 +47,7 @@ from .points import PointReport, find_prune_points
 __all__ = ["ENGINE_STRATEGIES", "DynamicModel", "to_dynamic", "fold_dense"]
 
 log = logging.getLogger(__name__)
-_LAYOUT_TRIES = 3  # timed batch-1 calls per layout before the faster one is kept
+_LAYOUT_TRIES = 3  # timed dense batch-1 calls per layout when a new input shape chooses its layout
 
 
 class DynamicModel(nn.Module):
@@ -68,8 +68,8 @@ class DynamicModel(nn.Module):
             m.name: m for m in net.modules() if isinstance(m, (DynamicConv2d, DynamicLinear))}
         self._batch = 0
         self._shape: tuple[int, ...] = ()
-        #: batch-1 layout per (input shape, threads): True/False once chosen, else the trial times per layout
-        self._layouts: dict[tuple, bool | dict[bool, list[float]]] = {}
+        #: batch-1 layout per (input shape, threads): channels_last or not
+        self._layouts: dict[tuple, bool] = {}
 
     # ---------------------------------------------------------------- running
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,53 +77,62 @@ class DynamicModel(nn.Module):
         with torch.inference_mode():
             if x.dim() != 4:
                 return self.net(x)
-            cl, trial = self._layout(x)
-            x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            if trial is None:
-                return self.net(x)
-            t0 = time.perf_counter()
-            out = self.net(x)
-            trial[cl].append(time.perf_counter() - t0)
-            if all(len(v) >= _LAYOUT_TRIES for v in trial.values()):
-                key = (self._shape, torch.get_num_threads())
-                self._layouts[key] = min(trial, key=lambda k: min(trial[k]))
-                log.debug("batch-1 layout for %s: %s", key, "channels_last" if self._layouts[key] else "NCHW")
-            return out
+            cl = self._layout(x)
+            return self.net(x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
 
-    def _layout(self, x: torch.Tensor) -> tuple[bool, dict[bool, list[float]] | None]:
-        """(channels_last?, the trial entry when this call is timed). Fixed by ``channels_last``; else NHWC
-        above batch 1 and, at batch 1, the faster layout for this input shape and thread count: with ``tune``
-        the first calls alternate NCHW and NHWC (``_LAYOUT_TRIES`` each) and the fastest is kept (measured:
-        NCHW wins for ResNet-18/50 at 224x224, NHWC for CIFAR ResNets and MobileNetV2, by 2.5x for ResNet-56
-        at two threads); without ``tune``: NCHW."""
+    def _layout(self, x: torch.Tensor) -> bool:
+        """channels_last? Fixed by ``channels_last``; else NHWC above batch 1 and, at batch 1, the layout in
+        which this network's convs run faster for this input shape and thread count: with ``tune`` the first
+        batch-1 call of a shape times the network with every channel kept (the plain folded convs: the same
+        work whatever the masks) ``_LAYOUT_TRIES`` times in each layout, alternating, and keeps the faster
+        (measured: NCHW for ResNet-18/50 at 224x224; NHWC for CIFAR ResNet-56, 2.2x faster at two threads);
+        without ``tune``: NCHW."""
         if self.channels_last is not None:
-            return self.channels_last, None
+            return self.channels_last
         if x.shape[0] > 1:
-            return True, None
+            return True
         if not self._ctx.tune:
-            return False, None
-        entry = self._layouts.setdefault((self._shape, torch.get_num_threads()), {False: [], True: []})
-        if isinstance(entry, bool):
-            return entry, None
-        return min(entry, key=lambda k: len(entry[k])), entry
+            return False
+        key = (self._shape, torch.get_num_threads())
+        if key not in self._layouts:
+            self._layouts[key] = self._probe_layout(x)
+            log.debug("batch-1 layout for %s: %s", key, "channels_last" if self._layouts[key] else "NCHW")
+        return self._layouts[key]
+
+    def _probe_layout(self, x: torch.Tensor) -> bool:
+        ctx = self._ctx
+        saved = ctx.forced_masks, ctx.forced_np, ctx.forced_pays_saliency, ctx.record
+        channels = {n: p.channels for n, p in self._table().by_name().items() if n in self.dynamic}
+        ctx.forced = {n: torch.ones(1, c, dtype=torch.bool) for n, c in channels.items()}
+        ctx.forced_pays_saliency, ctx.record = False, False
+        times: dict[bool, list[float]] = {False: [], True: []}
+        try:
+            for cl in (False, True):  # untimed first call of each layout (one-time setup)
+                self.net(x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
+            for _ in range(_LAYOUT_TRIES):
+                for cl in (False, True):
+                    xi = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                    t0 = time.perf_counter()
+                    self.net(xi)
+                    times[cl].append(time.perf_counter() - t0)
+        finally:
+            ctx.forced_masks, ctx.forced_np, ctx.forced_pays_saliency, ctx.record = saved
+        return min(times[True]) < min(times[False])
 
     @property
     def tuning(self) -> bool:
-        """True while a batch-1 layout or a layer's batched strategy is still being timed."""
-        return any(not isinstance(e, bool) for e in self._layouts.values()) or any(
-            m.tuning for m in self.dynamic.values() if isinstance(m, DynamicConv2d))
+        """True while a layer's batched strategy is still being timed (the batch-1 layout is chosen at once)."""
+        return any(m.tuning for m in self.dynamic.values() if isinstance(m, DynamicConv2d))
 
     def warmup(self, x: torch.Tensor, max_calls: int = 16) -> int:
-        """Run ``x`` until the timing trials it leads to are over (batch 1: the layout; batched: every layer's
-        candidate strategies, the ``tune`` option of ``engine_modules``); returns the number of forwards run
-        (at least one)."""
+        """Run ``x`` until the timing trials it leads to are over (every layer's candidate strategies for
+        batches, the ``tune`` option of ``engine_modules``; batch 1 chooses its layout on the first call);
+        returns the number of forwards run (at least one)."""
         calls = 0
         while calls < max_calls:
             self(x)
             calls += 1
-            key = (tuple(x.shape[1:]), torch.get_num_threads())
-            if not isinstance(self._layouts.get(key, True), dict) and not any(
-                    m.tuning for m in self.dynamic.values() if isinstance(m, DynamicConv2d)):
+            if not self.tuning:
                 break
         return calls
 
