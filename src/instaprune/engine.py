@@ -48,6 +48,12 @@ __all__ = ["ENGINE_STRATEGIES", "DynamicModel", "to_dynamic", "fold_dense"]
 
 log = logging.getLogger(__name__)
 _LAYOUT_TRIES = 3  # timed dense batch-1 calls per layout when a new input shape chooses its layout
+#: batch 1 runs NHWC only when the dense network is this much faster in it: gathering channels from NHWC rows
+#: costs ~4x more per element than from NCHW planes, so the dynamic path keeps NCHW unless its convs are far
+#: slower (measured: dense NHWC 1.09-1.19x faster for CIFAR ResNet-56 / MobileNetV2 at one thread and MobileNetV2
+#: at two, where the dynamic model was still faster in NCHW; 2.2x for ResNet-56 at two threads, where NHWC
+#: made the dynamic model 1.8x faster)
+_LAYOUT_MARGIN = 1.5
 
 
 class DynamicModel(nn.Module):
@@ -82,11 +88,10 @@ class DynamicModel(nn.Module):
 
     def _layout(self, x: torch.Tensor) -> bool:
         """channels_last? Fixed by ``channels_last``; else NHWC above batch 1 and, at batch 1, the layout in
-        which this network's convs run faster for this input shape and thread count: with ``tune`` the first
+        which this network runs faster for this input shape and thread count: with ``tune`` the first
         batch-1 call of a shape times the network with every channel kept (the plain folded convs: the same
-        work whatever the masks) ``_LAYOUT_TRIES`` times in each layout, alternating, and keeps the faster
-        (measured: NCHW for ResNet-18/50 at 224x224; NHWC for CIFAR ResNet-56, 2.2x faster at two threads);
-        without ``tune``: NCHW."""
+        work whatever the masks) ``_LAYOUT_TRIES`` times in each layout, alternating, and takes NHWC only
+        when it is ``_LAYOUT_MARGIN`` times faster (CIFAR ResNet-56 at two threads); without ``tune``: NCHW."""
         if self.channels_last is not None:
             return self.channels_last
         if x.shape[0] > 1:
@@ -117,7 +122,7 @@ class DynamicModel(nn.Module):
                     times[cl].append(time.perf_counter() - t0)
         finally:
             ctx.forced_masks, ctx.forced_np, ctx.forced_pays_saliency, ctx.record = saved
-        return min(times[True]) < min(times[False])
+        return _LAYOUT_MARGIN * min(times[True]) < min(times[False])
 
     @property
     def tuning(self) -> bool:
