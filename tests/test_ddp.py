@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def env_1thread(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSTAPRUNE_FAULT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONFAULTHANDLER="1",
                PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
     return env
