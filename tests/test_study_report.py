@@ -97,3 +97,18 @@ def test_rows_carry_latency(tmp_path):
     (r,) = method_rows(tmp_path, "m", "m", None, 0.91)
     assert r["latency_b1_t1"]["dynamic_p50_ms"] == 4.0 and r["latency_b1_t1"]["dense_ms"] == 6.1
     assert r["latency_b32_t1"]["measured_speedup"] == 1.6 and "dynamic_p50_ms" not in r["latency_b32_t1"]
+
+
+def test_choice_score_reads_the_calibration_curve(tmp_path):
+    import cifar10_study as st
+
+    d = tmp_path / "cal"
+    _plan(d, 0.2)
+    p = json.loads((d / "plan.json").read_text())
+    assert st._holdout_top1(d / "plan.json") == 0.2  # no curve: the chosen calibration's top-1
+    p["curve"] = [{"flops_reduction": 0.2, "top1": 0.9}, {"flops_reduction": 0.4, "top1": 0.7},
+                  {"flops_reduction": 0.6, "top1": 0.2}, {"flops_reduction": 0.8, "top1": 0.1}]
+    (d / "plan.json").write_text(json.dumps(p))
+    # 0.3 -> 0.8, 0.45 -> 0.575, 0.6 -> 0.2 (linear between curve points)
+    assert abs(st._holdout_top1(d / "plan.json") - (0.8 + 0.575 + 0.2) / 3) < 1e-12
+    assert st._holdout_top1(tmp_path / "missing" / "plan.json") is None
