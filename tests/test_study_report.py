@@ -52,10 +52,13 @@ def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
     names = lambda s: {x.name for x in s}  # noqa: E731
     plan = st.stages("resnet20", tmp_path, "tr", "te", st.choose(tmp_path))
     assert "ft_control" in names(plan) and not any(n.startswith("ev_static") for n in names(plan))
+    assert {f"pa_{c}_0.6" for c in st.GRID if c != "control"} <= names(plan)  # decay judged after prune-aware
     for i, cfg in enumerate(c for c in st.GRID if c != "control"):
-        _plan(w / f"cal_{cfg}_0.6", 0.80 + (0.05 if cfg == "l21_0.05" else 0.0) + 0.001 * i)
+        _plan(w / f"pa_{cfg}_0.6", 0.80 + (0.05 if cfg == "l21_0.05" else 0.0) + 0.001 * i)
     ch = st.choose(tmp_path)
     assert ch.cfg == "l21_0.05" and ch.mode is None
+    assert {"cal_l21_0.05_0.6", "cal_l21_0.05_mean_all_0.6"} <= names(st.stages("resnet20", tmp_path, "tr", "te", ch))
+    _plan(w / "cal_l21_0.05_0.6", 0.70)
     _plan(w / "cal_l21_0.05_mean_all_0.6", 0.90)
     _plan(w / "cal_l21_0.05_one_all_0.6", 0.85)
     _plan(w / "cal_l21_0.05_mean_cv_0.6", 0.80)
@@ -65,18 +68,24 @@ def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
     _plan(w / "pa_l21_0.05_mean_all_0.6", 0.91)
     ch = st.choose(tmp_path)
     assert ch.prune_aware is True
+    order = [s.name for s in st.stages("resnet20", tmp_path, "tr", "te", ch)]
     plan = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}
     for t in st.TARGETS:
         assert {f"ev_pa_l21_0.05_mean_all_{t}", f"ev_pa_control_mean_all_{t}", f"ev_static_{t}",
-                f"ev_l21_0.05_mean_cv_{t}", f"ev_l21_0.05_mean_rand_{t}"} <= set(plan)
-    assert plan["cal_l21_0.05_mean_rand_0.3"].args is None  # waits for the CV selection's point count
+                f"ev_pa_l21_0.05_mean_cv_{t}", f"ev_pa_l21_0.05_mean_rand_{t}"} <= set(plan)
+    # priority: every method row before the static baseline, before the ablations
+    assert max(order.index(f"ev_pa_l21_0.05_mean_all_{t}") for t in st.TARGETS) < order.index("ev_static_0.3")
+    assert max(order.index(f"ev_static_{t}") for t in st.TARGETS) < order.index("pa_control_mean_all_0.3")
+    assert plan["pa_l21_0.05_mean_rand_0.3"].args is None  # waits for the CV selection's point count
     pts = [[f"p{i}", "conv", 16, 1] for i in range(10)]
-    _plan(w / "cal_l21_0.05_mean_cv_0.3", 0.8, taus={"p1": 1.0, "p2": 1.0, "p3": 1.0}, points=pts)
-    rand = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["cal_l21_0.05_mean_rand_0.3"]
-    assert rand.args.count("--include") == 3
-    ev = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["ev_l21_0.05_mean_rand_0.3"]
+    _plan(w / "pa_l21_0.05_mean_cv_0.3", 0.8, taus={"p1": 1.0, "p2": 1.0, "p3": 1.0}, points=pts)
+    rand = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["pa_l21_0.05_mean_rand_0.3"]
+    assert rand.args.count("--include") == 3 and "--prune-aware-epochs" in rand.args
+    ev = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["ev_pa_l21_0.05_mean_rand_0.3"]
     assert ev.args.count("--include") == 3  # evaluation sees the same points as the calibration
-    assert plan["ev_static_0.6"].args[plan["ev_static_0.6"].args.index("--pa-epochs") + 1] == "1"
+    assert ev.args[ev.args.index("--checkpoint") + 1].endswith("pa_l21_0.05_mean_rand_0.3/model.pt")
+    assert plan["ev_static_0.6"].args[plan["ev_static_0.6"].args.index("--pa-epochs") + 1] == str(
+        st.EPOCHS["prune_aware"])
     lat = plan["lat_pa_l21_0.05_mean_all_0.6"]  # the method's rows get a timing stage, run only with --latency
     assert lat.quiet and lat.deps == ["ev_pa_l21_0.05_mean_all_0.6"] and lat.args[0] == "benchmark"
     assert lat.args[lat.args.index("--plan") + 1].endswith("pa_l21_0.05_mean_all_0.6/plan.json")

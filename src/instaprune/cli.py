@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-aware-lr", type=float, default=None, help="learning rate of the "
                    "prune-aware phase (default: --lr / 10)")
     p.add_argument("--prune-aware-lam", type=float, default=0.0, help="lambda during the prune-aware phase")
+    p.add_argument("--prune-aware-control", choices=("on", "off"), default="on", help="on: hold the training "
+                   "batches' FLOPs reduction at --target by adjusting the global threshold scale after every step, "
+                   "ramping the target up from 0 (default); off: the calibrated thresholds stay fixed")
+    p.add_argument("--prune-aware-ramp", type=float, default=0.3, help="fraction of the prune-aware phase over "
+                   "which the controlled target ramps linearly from 0 to --target")
     _calib_opts(p)
 
     p = sub.add_parser("analyze", help="saliency statistics and coefficient of variation per prune point")

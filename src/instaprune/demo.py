@@ -56,6 +56,8 @@ class DemoSchedule:
     search: str = "greedy"
     search_images: int = 512
     ladder_steps: int = 8
+    prune_aware_control: bool = False  # hold the FLOPs target while masks are on (instaprune.prune_aware)
+    prune_aware_ramp: float = 0.3
 
     def __post_init__(self) -> None:
         if min(self.finetune_epochs, self.prune_aware_epochs) < 0 or self.search_images < 1:
@@ -138,8 +140,15 @@ def run_demo(
         say("prune-aware fine-tuning")
         t = time.perf_counter()
         masked = MaskedModel(model, points, plan.taus, plan.thresholds)
+        ctl = None
+        if schedule.prune_aware_control:
+            from .prune_aware import PruneAwareConfig, TargetController
+
+            ctl = TargetController(masked, PruneAwareConfig(target, schedule.prune_aware_ramp),
+                                   initial_scale=0.5 if schedule.prune_aware_ramp > 0 else 1.0)
         train(model, train_set, _train_cfg(recipe, 0.0, seed, schedule.prune_aware_epochs, schedule.prune_aware_lr,
-                                           schedule.distill), points, pre, masked=masked, teacher=teacher)
+                                           schedule.distill), points, pre, masked=masked, teacher=teacher,
+              controller=ctl)
         masked.remove()
         model.eval()
         timings["prune_aware_s"] = time.perf_counter() - t

@@ -64,6 +64,7 @@ from .errors import CheckpointError, ConfigError
 from .io import atomic_write_text
 from .masked import MaskedModel
 from .points import PointReport
+from .prune_aware import TargetController
 from .regularizer import FeatureDecayConfig, attach_feature_decay
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "train", "evaluate_top1"]
@@ -179,7 +180,7 @@ class _Trainer:
     def __init__(self, model: nn.Module, data: ImageSet, cfg: TrainConfig, points: PointReport,
                  pre: Preprocessing, out: Path | None, val: ImageSet | None, masked: MaskedModel | None,
                  progress: Callable[[dict[str, Any]], None] | None, env: DistEnv,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, controller: TargetController | None = None) -> None:
         self.model, self.data, self.cfg, self.pre, self.out, self.val = model, data, cfg, pre, out, val
         self.net: nn.Module = masked if masked is not None else model
         self.progress = progress if env.is_main else None
@@ -200,6 +201,7 @@ class _Trainer:
         self.stop = StopOnSignal()
         self.ckpt = out / CHECKPOINT_NAME if out is not None else None
         self.teacher = teacher.eval() if teacher is not None else None
+        self.controller = controller
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, path: Path) -> None:
@@ -234,6 +236,8 @@ class _Trainer:
             total = [sum(float(r["sums"][i]) for r in ranks) for i in range(4)]
             self.sums = total if self.env.is_main else [0.0] * 4
         self.history = list(state.get("history", []))
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
         self.resumed_from = str(path)
         log.info("resumed from %s at epoch %d, step %d (optimizer step %d)", path, self.epoch, self.step,
                  self.global_step)
@@ -253,6 +257,7 @@ class _Trainer:
                      "world_size": self.env.world_size, "global_batch": self.global_batch},
             "optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step,
             "global_step": self.global_step, "history": self.history, "ranks": ranks, "reason": reason,
+            "controller": None if self.controller is None else self.controller.state_dict(),
             "sampler": {"seed": self.cfg.seed, "epoch": self.epoch, "offset": self.step * self.global_batch,
                         "global_batch": self.global_batch},
         }, die_midway=die)
@@ -309,6 +314,8 @@ class _Trainer:
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.global_step += 1
+                if self.controller is not None:  # the FLOPs target of the prune-aware phase (this batch's masks)
+                    self.controller.step((epoch + (step + 1) / steps) / max(cfg.epochs, 1), env.world_size)
             n = x.shape[0]
             ce_v, reg_v = float(ce.detach()), float(reg.detach())
             self.sums = [self.sums[0] + ce_v * n, self.sums[1] + reg_v * n,
@@ -325,6 +332,8 @@ class _Trainer:
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss / seen, "decay_term": dec / seen,
                "train_top1": correct / seen, "seconds": time.perf_counter() - te,
                "world_size": env.world_size, "global_batch": self.global_batch}
+        if self.controller is not None:
+            row.update(self.controller.summary())
         if self.val is not None:
             row["val_top1"] = evaluate_top1(self.net, self.val, self.pre, channels_last=cfg.channels_last,
                                             distributed=env.distributed)
@@ -383,10 +392,12 @@ def train(
     masked: MaskedModel | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     teacher: nn.Module | None = None,
+    controller: TargetController | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; with ``masked`` (wrapping ``model``) the forward applies its
     masks (prune-aware phase). Writes ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir`` when given
-    (rank 0 only).
+    (rank 0 only). ``controller`` (prune-aware phase) adjusts the masks' global scale after every optimizer step
+    to hold the FLOPs reduction at its target (see :mod:`instaprune.prune_aware`).
 
     ``resume``: a checkpoint path, or ``"auto"`` for ``out_dir/checkpoint.pt`` if it exists. Under an
     initialised process group the training is data-parallel (see the module docstring)."""
@@ -398,7 +409,7 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     if cfg.distill > 0 and teacher is None:
         raise ConfigError("distill > 0 needs a teacher model")
-    tr = _Trainer(model, data, cfg, points, pre, out, val, masked, progress, env, teacher)
+    tr = _Trainer(model, data, cfg, points, pre, out, val, masked, progress, env, teacher, controller)
     try:
         path = _resume_path(resume, tr.ckpt, env)
         if tr.ckpt is not None and env.is_main:
