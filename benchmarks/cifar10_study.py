@@ -7,28 +7,32 @@ training/evaluation, ``plan.json`` of a calibration), so stages run by hand in t
 up. Re-running skips done stages; an interrupted training resumes from its step checkpoint (``--resume auto``,
 ``--checkpoint-every``). A stage whose output directory another live process is writing is skipped (busy).
 Nothing is chosen on the test split: the 5,000-image holdout of the training split is the calibration and
-validation split; every choice below is the best mean holdout top-1 at 30/45/60% FLOPs reduction, read off the
-calibration curve of the calibration to 60% (``CHOICE_POINTS``).
+validation split for every choice (see :func:`choose`). Stage directories live in ``results/study`` and are
+committed (model.pt, plans, metrics, logs; not the step checkpoints), so the study resumes on a fresh clone:
+a session's processes end with it, and so does every untracked file.
 
     python benchmarks/cifar10_study.py run --model resnet20 [--only STAGE_PREFIX] [--threads 1] [--lanes 2] [--dry-run]
     python benchmarks/cifar10_study.py run --model resnet20 --latency   # timing stages, on an idle machine
     python benchmarks/cifar10_study.py status --model resnet20
     python benchmarks/cifar10_study.py report --model resnet20     # results/cifar10_<model>.{json,md,png}
 
-Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them):
+Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them; epochs in ``EPOCHS``):
 
-1. ``adapt``: 3 epochs of plain fine-tuning of the public checkpoint on the JPEG training split (baseline_top1);
+1. ``adapt``: plain fine-tuning of the public checkpoint on the JPEG training split (baseline_top1);
    ``ev_dense``/``ev_unadapted``: test-split accuracy of the adapted and the public checkpoint.
-2. ``ft_<cfg>``: 5 epochs from ``adapt`` at lr 0.02 (cosine) with feature decay (the grid ``GRID``) and
+2. ``ft_<cfg>``: fine-tune from ``adapt`` (lr 0.02 cosine) with feature decay (the grid ``GRID``) and
    ``ft_control`` (lambda 0, same epochs and schedule: the "without feature decay" ablation);
-   ``cal_<cfg>_0.6``: greedy calibration on the holdout; choice 1 = penalty/lambda/weights.
-3. ``cal_<C>_<mode>_<sel>_0.6``: threshold mode (max/mean/one) and point selection (all / CV top-k; ``rand``:
-   the same number of random points, an ablation only) on the chosen fine-tune; choices 2 and 3.
-4. ``pa_<C><sfx>_0.6``: one prune-aware epoch (calibrated masks, lambda 0, lr 0.002) then recalibration;
-   choice 4 = prune-aware yes/no (its holdout top-1 against the plain calibration's).
-5. At each target 0.3/0.45/0.6/0.7: calibration (and the prune-aware epoch if chosen) and test evaluation of the
-   method, of the no-decay control, of the point-selection ablation (all / CV / random), and ``ev_static_<t>``:
-   L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the same epochs and schedule.
+   ``pa_<cfg>_0.6``: prune-aware phase to 60% (masks on, penalty off, FLOPs-target controller, recalibration);
+   choice 1 = decay setting by its holdout top-1 (calibration alone collapses at 60%: measured in session 3).
+3. ``cal_<C>_<mode>_<sel>_0.6``: calibration alone (with BatchNorm re-estimation) of the chosen fine-tune:
+   threshold mode (max/mean/one) and point selection (all / CV top-k; ``rand``: the same number of random points,
+   an ablation only); choices 2 and 3 by the mean holdout top-1 at 30/45/60% on the calibration curve.
+4. ``pa_<C><sfx>_0.6``: the prune-aware phase with the chosen mode and selection; choice 4 = prune-aware yes/no
+   (its holdout top-1 at 60% against calibration alone).
+5. At each target 0.3/0.45/0.6/0.7, in priority order: the method (prune-aware stage or calibration) and its test
+   evaluation, ``ev_static_<t>`` (L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the
+   same epochs and schedule as the method's fine-tune + prune-aware phase), the no-decay control through the same
+   pipeline, and the point-selection ablation (all / CV / random) through the same pipeline.
 6. ``lat_<method>_<t>``: ``instaprune benchmark`` of each method row (the fast engine against the fastest dense
    model, batch 1 over 200 test images and batch 32, one thread); only with ``run --latency``, which runs them
    one at a time and should have the machine to itself.
@@ -226,8 +230,10 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
         name = f"cal_{cfg}{sfx(mode, sel)}_{t}"
         sa = _select_args(model, work, cfg, mode, sel, t, n_points)
         deps = [f"ft_{cfg}"] + ([f"cal_{cfg}{sfx(mode, 'cv')}_{t}"] if sel == "rand" else [])
+        # calibration alone re-estimates BatchNorm statistics under the masks (its strongest form; the weights
+        # it writes beside the plan are the ones its evaluation loads)
         args = None if sa is None else ["calibrate", *common, "--checkpoint", str(w / f"ft_{cfg}" / "model.pt"),
-                                        "--target", str(t), "--mode", mode, *sa]
+                                        "--target", str(t), "--mode", mode, *sa, "--bn-recal"]
         return Stage(name, args, w / name, "plan.json", deps)
 
     def pa(cfg: str, mode: str, sel: str, t: float) -> Stage:
@@ -251,12 +257,13 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
 
     def row(c: str, sel: str, t: float, prune_aware: bool) -> list[Stage]:
         s = pa(c, mode, sel, t) if prune_aware else cal(c, mode, sel, t)
-        ckpt = str(s.out / "model.pt") if prune_aware else str(w / f"ft_{c}" / "model.pt")
-        return [s, ev(s, ckpt)]
+        return [s, ev(s, str(s.out / "model.pt"))]
 
     if model == "resnet20":
-        out += [ft(cfg) for cfg in GRID]
-        out += [pa(cfg, "max", "all", CHOICE_TARGET) for cfg in GRID if cfg != "control"]
+        for cfg in GRID:  # each prune-aware stage right after its fine-tune: its first result comes early
+            out.append(ft(cfg))
+            if cfg != "control":
+                out.append(pa(cfg, "max", "all", CHOICE_TARGET))
         if ch.cfg:
             out += [cal(ch.cfg, m, "all", CHOICE_TARGET) for m in MODES]
         if ch.mode:
@@ -280,8 +287,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     for t in TARGETS:
         s, e = row(cfg, sel, t, bool(ch.prune_aware))
         name = "lat_" + e.name[3:]
-        ckpt = str(s.out / "model.pt") if ch.prune_aware else str(w / f"ft_{cfg}" / "model.pt")
-        add([s, e, Stage(name, ["benchmark", "--model", model, "--checkpoint", ckpt, "--plan",
+        add([s, e, Stage(name, ["benchmark", "--model", model, "--checkpoint", str(s.out / "model.pt"), "--plan",
                                 str(s.out / "plan.json"), "--data-path", test_data, "--batches", "1,32",
                                 "--threads", "1", "--max-images", "200"],
                          w / name, "benchmark.json", [e.name], quiet=True)])
@@ -532,12 +538,17 @@ def main(argv: list[str] | None = None) -> int:
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(a.only)
                      and s.quiet == a.latency and s.name not in ran
                      and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out)]
-            for s in ready[: a.lanes - len(running)]:
+            # stages of this model that other processes run (an earlier runner's children) take lanes too
+            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and _busy(s.out))
+            for s in ready[: max(a.lanes - len(running) - foreign, 0)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, a.threads, a.dry_run)] = s.name
             if not running:
+                if foreign:  # wait for the other process's stages to finish, then fill the lanes
+                    time.sleep(30)
+                    continue
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED, timeout=60 if foreign else None)
             for f in finished:
                 running.pop(f)
                 f.result()

@@ -90,3 +90,37 @@ def test_unreachable_target(setup):
     cfg = CalibrationConfig(target=0.95, search="shared", thresholds=ThresholdConfig("max", 0.5))
     with pytest.raises(ConfigError, match="unreachable"):
         calibrate(model, rep, batches, cfg)
+
+
+def test_recalibrate_batchnorm_matches_masked_batch_statistics(setup):
+    import copy
+
+    from instaprune.calibrate import recalibrate_batchnorm
+
+    model, rep, batches = setup
+    model = copy.deepcopy(model)
+    masked = MaskedModel(model, rep, {n: 0.5 for n in rep.names()}, ThresholdConfig("max", 0.05)).eval()
+    seen = []
+    h = model[4].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))  # input of the 2nd BN
+    assert recalibrate_batchnorm(masked, batches[:3]) == 3
+    h.remove()
+    x = torch.cat(seen[:3])
+    assert torch.allclose(model[4].running_mean, x.mean((0, 2, 3)), atol=1e-5)  # equal-weight average of batches
+    assert not masked.training and model[4].momentum == 0.1  # modes and momenta restored
+    masked.remove()
+
+
+def test_bn_recalibration_option_hits_target_and_changes_only_buffers(setup):
+    import copy
+
+    model, rep, batches = setup
+    model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = CalibrationConfig(target=0.5, search="shared", bn_recalibration=True)
+    plan = calibrate(model, rep, batches, cfg)
+    c = plan.calibration
+    assert c["chosen"] == "bn_recalibrated"
+    assert abs(c["results"]["bn_recalibrated"]["flops_reduction"] - 0.5) <= 0.01
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("weight", "bias")))

@@ -88,6 +88,17 @@ def test_train_analyze_calibrate_evaluate_on_folder(capsys, tmp_path, tiny_folde
     per = np.load(tmp_path / "ev" / "per_image.npz")  # per-image arrays for paired bootstrap intervals
     assert set(per.files) >= {"correct", "dense_correct", "flops", "confidence"} and per["correct"].shape == (24,)
     assert abs(per["correct"].mean() - m["top1"]) < 1e-9 and abs(per["dense_correct"].mean() - m["dense_top1"]) < 1e-9
+    # --bn-recal: the plan comes with the weights whose BatchNorm statistics were re-estimated under its masks
+    code, out, err = run(["calibrate", "--model", "tiny_resnet", "--checkpoint", ckpt, "--data-path", tiny_folder,
+                          "--holdout", 12, "--target", 0.3, "--search", "shared", "--bn-recal", "--output-dir",
+                          tmp_path / "calbn"], capsys)
+    assert code == 0, err
+    bn_plan = json.loads((tmp_path / "calbn" / "plan.json").read_text())
+    assert bn_plan["calibration"]["chosen"] == "bn_recalibrated" and (tmp_path / "calbn" / "model.pt").is_file()
+    code, out, err = run(["evaluate", "--model", "tiny_resnet", "--checkpoint", tmp_path / "calbn" / "model.pt",
+                          "--data-path", tiny_folder, "--holdout", 12, "--plan", tmp_path / "calbn" / "plan.json",
+                          "--output-dir", tmp_path / "evbn"], capsys)
+    assert code == 0, err
     # the YAML config supplies options; explicit flags override it
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: tiny_resnet\ndata-path: {tiny_folder}\ncheckpoint: {ckpt}\ntarget: 0.9\n")

@@ -57,6 +57,9 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", default="all", help="prune points: 'all', 'kappa:<CV threshold>' or 'topk:<k>'")
     p.add_argument("--search-images", type=int, default=1024, help="images per greedy search step")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed |achieved - target| on calibration")
+    p.add_argument("--bn-recal", action="store_true", help="after the search, re-estimate BatchNorm running "
+                   "statistics on the calibration images with the masks applied, then re-hit the target (changes "
+                   "the weights: calibrate saves them as model.pt beside plan.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:

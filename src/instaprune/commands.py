@@ -64,7 +64,8 @@ def _calib_cfg(args: argparse.Namespace):
     from .masked import ThresholdConfig
 
     return CalibrationConfig(target=args.target, search=args.search, tolerance=args.tolerance,
-                             thresholds=ThresholdConfig(args.mode, args.min_keep), search_images=args.search_images)
+                             thresholds=ThresholdConfig(args.mode, args.min_keep), search_images=args.search_images,
+                             bn_recalibration=bool(getattr(args, "bn_recal", False)))
 
 
 def cmd_points(args: argparse.Namespace) -> int:
@@ -212,11 +213,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all", args.split_seed)
     points = _points(args, lm)
     plan, _ = calibrate_plan(lm, points, data, _calib_cfg(args), args.select, args.batch_size)
+    if args.bn_recal:  # the plan belongs to the re-estimated BatchNorm statistics: save those weights with it
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(out / "model.pt", lm.model, {**lm.meta, "model_name": args.model,
+                                                     "num_classes": _num_classes(lm.model),
+                                                     "preprocessing": lm.pre.to_dict()})
     plan.save(out / "plan.json")
     c = plan.calibration
     r = c["results"][c["chosen"]]
     _out(f"plan: {len(plan.taus)} points, {c['chosen']} search, calibration top-1 {r['top1']:.4f} "
-         f"(dense {c['dense_top1']:.4f}) at FLOPs reduction {r['flops_reduction']:.3f} -> {out / 'plan.json'}")
+         f"(dense {c['dense_top1']:.4f}) at FLOPs reduction {r['flops_reduction']:.3f} -> {out / 'plan.json'}"
+         + (f" (weights with re-estimated BatchNorm statistics: {out / 'model.pt'})" if args.bn_recal else ""))
     return 0
 
 
