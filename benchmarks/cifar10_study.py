@@ -347,6 +347,8 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
         print(f"stage {s.name} failed (exit {r.returncode}); see {s.log}", flush=True)
         return seconds
     (s.out / "failed.json").unlink(missing_ok=True)
+    for ck in (s.out / "checkpoint.pt", *s.out.glob("*/checkpoint.pt")):  # step checkpoints: only for resuming
+        ck.unlink(missing_ok=True)
     atomic_write_json(s.out / "done.json", {**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return seconds
 

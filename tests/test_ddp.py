@@ -94,7 +94,13 @@ def test_cli_under_torchrun_survives_a_dead_worker(tmp_path):
     finally:
         torch.set_num_threads(threads)
     load = lambda d: torch.load(tmp_path / d / "model.pt", weights_only=True)["model"]  # noqa: E731
-    assert max_diff(load("ddp"), load("one")) <= TOL
+    # the restarted run equals the same 2-process run without a fault (resuming loses and repeats nothing) ...
+    r = torchrun(2, "-m", "instaprune", "train", *common, "-b", "8", "--output-dir", str(tmp_path / "ddp_ref"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert max_diff(load("ddp"), load("ddp_ref")) <= 1e-7
+    # ... and one process with the global batch up to float reduction order, which 20 steps amplify: measured
+    # 1.3e-7 on the CPU of session 3 and 5.5e-5 on this AMD EPYC (a missed or repeated step gives > 1e-3)
+    assert max_diff(load("ddp"), load("one")) <= 2e-4
     import json
 
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
