@@ -150,8 +150,7 @@ def _cmd_train(args: argparse.Namespace, env) -> int:
         # per-point shape: the fast shared-tau bisection (the final recalibration below uses --search)
         plan, _ = calibrate_plan(lm, points, val, replace(ccfg, search="shared") if control else ccfg, args.select)
         masked = MaskedModel(lm.model, points, plan.taus, plan.thresholds)
-        ctl = TargetController(masked, PruneAwareConfig(args.target, args.prune_aware_ramp),
-                               initial_scale=0.5 if args.prune_aware_ramp > 0 else 1.0) if control else None
+        ctl = TargetController(masked, PruneAwareConfig(args.target, args.prune_aware_ramp)) if control else None
         pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.prune_aware_lr or args.lr * 0.1,
                      decay=replace(decay, lam=args.prune_aware_lam))
         res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, args.resume, masked=masked,

@@ -144,8 +144,7 @@ def run_demo(
         if schedule.prune_aware_control:
             from .prune_aware import PruneAwareConfig, TargetController
 
-            ctl = TargetController(masked, PruneAwareConfig(target, schedule.prune_aware_ramp),
-                                   initial_scale=0.5 if schedule.prune_aware_ramp > 0 else 1.0)
+            ctl = TargetController(masked, PruneAwareConfig(target, schedule.prune_aware_ramp))
         train(model, train_set, _train_cfg(recipe, 0.0, seed, schedule.prune_aware_epochs, schedule.prune_aware_lr,
                                            schedule.distill), points, pre, masked=masked, teacher=teacher,
               controller=ctl)
