@@ -451,6 +451,9 @@ def write_results_md(results: Path = ROOT / "results") -> Path:
             lines += [md.read_text().replace("# CIFAR-10 study", "## CIFAR-10 study", 1), ""]
         else:
             lines += [f"## CIFAR-10 study: {model}", "", "pending (no stage reported yet)", ""]
+    side = results / "pa_allocation" / "pa_allocation.md"
+    if side.is_file():  # the side study of the prune-aware phase (benchmarks/pa_allocation.py)
+        lines += [side.read_text().replace("# ", "## ", 1), ""]
     md_path = ROOT / "RESULTS.md" if results.resolve() == (ROOT / "results").resolve() else results / "RESULTS.md"
     return atomic_write_text(md_path, "\n".join(lines))
 
