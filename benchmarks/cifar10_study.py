@@ -304,17 +304,23 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     return out
 
 
-def _busy(out: Path) -> bool:
-    """Another live process has ``--output-dir <out>`` on its command line."""
-    key = f"--output-dir\0{out}\0".encode()
+def _busy_dirs() -> set[str]:
+    """The ``--output-dir`` values on the command lines of live processes other than this one (one /proc scan)."""
+    dirs: set[str] = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if key in (d / "cmdline").read_bytes() + b"\0":
-                    return True
+                argv = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-    return False
+            dirs.update(argv[i + 1].decode(errors="replace") for i, a in enumerate(argv[:-1])
+                        if a == b"--output-dir")
+    return dirs
+
+
+def _busy(out: Path, dirs: set[str] | None = None) -> bool:
+    """Another live process has ``--output-dir <out>`` on its command line."""
+    return str(out) in (_busy_dirs() if dirs is None else dirs)
 
 
 def run_stage(s: Stage, threads: int, dry: bool) -> float:
@@ -511,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ch, plan = build()
     if a.action == "status":
+        busy = _busy_dirs()
         for s in plan:
             c = cost_of(s)
-            state = "done" if s.done() else ("busy" if _busy(s.out) else
+            state = "done" if s.done() else ("busy" if _busy(s.out, busy) else
                                              "FAIL" if (s.out / "failed.json").is_file() else "todo")
             print(f"{state:4}  {s.name:40} {'' if c is None else f'{c:8.0f} s'}")
         print(f"choices so far (mean holdout top-1 at {CHOICE_POINTS} FLOPs reduction, calibrations to "
@@ -540,11 +547,12 @@ def main(argv: list[str] | None = None) -> int:
         while True:  # the plan grows as choices are made on the holdout; up to --lanes stages at once
             ch, plan = build()
             by_name = {s.name: s for s in plan}
+            busy = _busy_dirs()
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(a.only)
                      and s.quiet == a.latency and s.name not in ran
-                     and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out)]
+                     and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out, busy)]
             # stages of this model that other processes run (an earlier runner's children) take lanes too
-            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and _busy(s.out))
+            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and _busy(s.out, busy))
             for s in ready[: max(a.lanes - len(running) - foreign, 0)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, a.threads, a.dry_run)] = s.name

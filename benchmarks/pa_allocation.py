@@ -216,6 +216,9 @@ def run_variant(args, variant: str) -> dict:
                 "holdout_bn_recal": {"top1": plain_top1(lm.model, hb), "flops_reduction": red}}
     if variant.startswith("topk"):
         taus = {n: 2.0 for n in names}  # above every s/max: only the floor is kept
+    if variant.startswith("hybrid"):  # static cut to NN% first, then dynamic thresholds for the rest
+        StaticMasks(lm.model, points, names, hb, int(variant.split("_")[0][6:]) / 100)
+        taus = uniform_taus(lm.model, names, hb, args.target, args.mode)
     masked = MaskedModel(lm.model, points, taus, th)
     pp = "_pp" in variant
     ctl = None if variant.startswith("topk") else (PerPointController if pp else TargetController)(
@@ -248,6 +251,7 @@ VARIANT_DOC = {
     "uniform_pp_nofc": "uniform, one controller per point (each point's drop held at the same fraction)",
     "uniform_floor30_nofc": "uniform_nofc with a floor of 30% of each point's channels",
     "topk_nofc": "every image keeps the same number of channels per point (its strongest): dynamic choice, fixed count",
+    "hybrid45_nofc": "static cut to 45% (as static_nofc), then uniform dynamic thresholds for the rest",
     "static_nofc": "the same channels for every image (lowest mean holdout saliency), same fraction per point",
 }
 
@@ -268,7 +272,7 @@ def write_table(out: Path) -> str:
              "30% where a controller is used; holdout top-1 on 1,000 held-out images with the global scale "
              "re-bisected to the target, then after re-estimating BatchNorm statistics under the masks on 1,000 "
              "training images. JSON per variant in `results/pa_allocation/target_<t>/` (command, commit, torch, "
-             "date inside).", ""]
+             "date inside; for the first runs in `invocations/`).", ""]
     for d in sorted(out.glob("target_*")):
         rows = [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))]
         if not rows:

@@ -121,3 +121,25 @@ def test_choice_score_reads_the_calibration_curve(tmp_path):
     # 0.3 -> 0.8, 0.45 -> 0.575, 0.6 -> 0.2 (linear between curve points)
     assert abs(st._holdout_top1(d / "plan.json") - (0.8 + 0.575 + 0.2) / 3) < 1e-12
     assert st._holdout_top1(tmp_path / "missing" / "plan.json") is None
+
+
+def test_runner_sees_other_processes_stages(tmp_path):
+    """A stage another live process writes (``--output-dir <dir>`` on its command line) counts as busy."""
+    import subprocess
+
+    import cifar10_study as st
+
+    out = tmp_path / "pa_x_0.6"
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--output-dir", str(out)])
+    try:
+        for _ in range(50):  # the child's command line is visible once it has exec'd
+            if st._busy(out):
+                break
+            __import__("time").sleep(0.1)
+        dirs = st._busy_dirs()
+        assert str(out) in dirs and st._busy(out, dirs)
+        assert not st._busy(tmp_path / "other", dirs)
+    finally:
+        p.kill()
+        p.wait()
+    assert not st._busy(out)
