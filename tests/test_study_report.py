@@ -73,9 +73,12 @@ def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
     for t in st.TARGETS:
         assert {f"ev_pa_l21_0.05_mean_all_{t}", f"ev_pa_control_mean_all_{t}", f"ev_static_{t}",
                 f"ev_pa_l21_0.05_mean_cv_{t}", f"ev_pa_l21_0.05_mean_rand_{t}"} <= set(plan)
-    # priority: every method row before the static baseline, before the ablations
-    assert max(order.index(f"ev_pa_l21_0.05_mean_all_{t}") for t in st.TARGETS) < order.index("ev_static_0.3")
-    assert max(order.index(f"ev_static_{t}") for t in st.TARGETS) < order.index("pa_control_mean_all_0.3")
+    # priority: every method row, then static / control / ablations at 60% before the other targets
+    assert max(order.index(f"ev_pa_l21_0.05_mean_all_{t}") for t in st.TARGETS) < order.index("ev_static_0.6")
+    at60 = [order.index(n) for n in ("ev_static_0.6", "ev_pa_control_mean_all_0.6", "ev_pa_l21_0.05_mean_rand_0.6")]
+    assert max(at60) < min(order.index(f"ev_static_{t}") for t in st.TARGETS if t != 0.6)
+    assert order.index("ev_static_0.6") < order.index("pa_control_mean_all_0.6")
+    assert "--search" in plan["pa_l21_0.05_mean_all_0.3"].args
     assert plan["pa_l21_0.05_mean_rand_0.3"].args is None  # waits for the CV selection's point count
     pts = [[f"p{i}", "conv", 16, 1] for i in range(10)]
     _plan(w / "pa_l21_0.05_mean_cv_0.3", 0.8, taus={"p1": 1.0, "p2": 1.0, "p3": 1.0}, points=pts)
