@@ -27,8 +27,12 @@ Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them
 3. ``cal_<C>_<mode>_<sel>_0.6``: calibration alone (with BatchNorm re-estimation) of the chosen fine-tune:
    threshold mode (max/mean/one) and point selection (all / CV top-k; ``rand``: the same number of random points,
    an ablation only); choices 2 and 3 by the mean holdout top-1 at 30/45/60% on the calibration curve.
+   Caveat (measured in session 6): with ``--bn-recal`` the stored curve is measured on the weights re-estimated
+   for 60%, so its 30/45% points understate those targets; the 60% points alone rank the modes the same way
+   (one 0.222 > mean 0.174 > max 0.130 holdout top-1 on the l1l2 0.5 fine-tune).
 4. ``pa_<C><sfx>_0.6``: the prune-aware phase with the chosen mode and selection; choice 4 = prune-aware yes/no
-   (its holdout top-1 at 60% against calibration alone).
+   (its holdout top-1 at 60% against calibration alone). Measured: the mode ranking of calibration alone does not
+   carry over to the prune-aware phase (l1l2 0.5 at 60%: mode one 0.462, mode max 0.560 holdout top-1).
 5. At each target 0.3/0.45/0.6/0.7, in priority order: the method (prune-aware stage or calibration) and its test
    evaluation, ``ev_static_<t>`` (L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the
    same epochs and schedule as the method's fine-tune + prune-aware phase), the no-decay control through the same
@@ -375,9 +379,12 @@ def cost_of(s: Stage) -> float | None:
             return float(tf.read_text().split()[0])
         except ValueError:
             pass
-    if (s.out / "metrics.json").is_file():
-        v = json.loads((s.out / "metrics.json").read_text()).get("seconds")
-        return None if v is None else float(v)
+    if (s.out / "metrics.json").is_file():  # a training's own record: its phases and its final calibration
+        m = json.loads((s.out / "metrics.json").read_text())
+        if m.get("seconds") is None:
+            return None
+        phases = [h.get("seconds") or 0.0 for h in m.get("prune_aware_history") or []]
+        return float(m["seconds"]) + sum(phases) + float((m.get("calibration") or {}).get("seconds") or 0.0)
     return None
 
 

@@ -58,6 +58,9 @@ class DemoSchedule:
     ladder_steps: int = 8
     prune_aware_control: bool = False  # hold the FLOPs target while masks are on (instaprune.prune_aware)
     prune_aware_ramp: float = 0.3
+    #: fnmatch patterns of prune points that are not masked (feature decay still sees every point), e.g.
+    #: ``("fc",)``: the classifier's input costs almost no MACs
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if min(self.finetune_epochs, self.prune_aware_epochs) < 0 or self.search_images < 1:
@@ -129,6 +132,8 @@ def run_demo(
 
     say("analysing and calibrating")
     lm = LoadedModel("tiny_resnet", model.eval(), pre, {})
+    if schedule.exclude:
+        points = discover(model, pre, exclude=schedule.exclude)
     t = time.perf_counter()
     cfg = CalibrationConfig(target=target, search=schedule.search,
                             thresholds=ThresholdConfig(schedule.threshold_mode, 0.05),

@@ -1,0 +1,102 @@
+"""Demo schedule variants (issue 2's demo goals): the same generated data and recipe, one change at a time.
+
+Each variant runs ``instaprune.demo.run_demo`` with a modified :class:`DemoSchedule` and writes its metrics to
+``results/demo_variants/<variant>_s<seed>_t<threads>.json`` (command, commit, torch, cores, date inside); the
+markdown table ``results/demo_variants/demo_variants.md`` is regenerated from every JSON there.
+
+    python benchmarks/demo_variants.py --variants default,one,one_nofc --threads 1
+    python benchmarks/demo_variants.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "demo_variants"
+
+#: variant -> (what it changes, DemoSchedule overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "default": ("the shipped schedule (max mode, greedy search, controller off)", {}),
+    "nofc": ("the classifier's input is not masked", {"exclude": ("fc",)}),
+    "one": ("absolute thresholds (mode one)", {"threshold_mode": "one"}),
+    "one_nofc": ("mode one, classifier input not masked", {"threshold_mode": "one", "exclude": ("fc",)}),
+    "mean_nofc": ("mode mean, classifier input not masked", {"threshold_mode": "mean", "exclude": ("fc",)}),
+    "ctl_nofc": ("FLOPs-target controller on in the prune-aware phase, classifier input not masked",
+                 {"prune_aware_control": True, "exclude": ("fc",)}),
+    "one_ctl_nofc": ("mode one, controller on, classifier input not masked",
+                     {"threshold_mode": "one", "prune_aware_control": True, "exclude": ("fc",)}),
+}
+
+def _meta(argv: list[str], threads: int) -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {"command": "python benchmarks/demo_variants.py " + " ".join(argv), "commit": commit.stdout.strip(),
+            "torch": torch.__version__, "cores": os.cpu_count(), "threads": threads,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_table(out: Path = OUT) -> Path:
+    from instaprune.io import atomic_write_text
+
+    rows = ["# Demo schedule variants", "",
+            "`python benchmarks/demo_variants.py`: `instaprune demo` (seed, threads as listed) with one schedule "
+            "change; goal: top1 within 1 point of baseline_top1 at >= 40% FLOPs reduction, p90/p10 >= 1.3.", "",
+            "| variant | what | seed | threads | baseline | dense | top1 | drop (points) | reduction | p90/p10 "
+            "| Spearman(difficulty, FLOPs) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(out.glob("*.json")):
+        r = json.loads(f.read_text())
+        m = r["metrics"]
+        sp = m.get("per_image_flops_p90_over_p10")
+        rows.append(f"| {r['variant']} | {VARIANTS.get(r['variant'], ('?',))[0]} | {r['seed']} | "
+                    f"{r['meta']['threads']} | {m['baseline_top1']:.4f} | {m['dense_top1']:.4f} | {m['top1']:.4f} | "
+                    f"{100 * (m['baseline_top1'] - m['top1']):+.2f} | {m['flops_reduction']:.3f} | "
+                    f"{'' if sp is None else f'{sp:.2f}'} | {m.get('spearman_difficulty_flops', float('nan')):+.2f} "
+                    f"| {m['seconds']:.0f} |")
+    return atomic_write_text(out / "demo_variants.md", "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="default", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table-only", action="store_true")
+    a = ap.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        print(f"demo_variants: unknown variant(s) {', '.join(bad)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if not a.table_only:
+        import torch
+
+        from instaprune.demo import DemoSchedule, run_demo
+        from instaprune.io import atomic_write_json
+
+        torch.set_num_threads(a.threads)
+        OUT.mkdir(parents=True, exist_ok=True)
+        for v in names:
+            sched = replace(DemoSchedule(), **VARIANTS[v][1])
+            with tempfile.TemporaryDirectory() as tmp:
+                m = run_demo(tmp, seed=a.seed, schedule=sched)
+            atomic_write_json(OUT / f"{v}_s{a.seed}_t{a.threads}.json",
+                              {"variant": v, "seed": a.seed, "metrics": {k: m.get(k) for k in m if not
+                                                                         isinstance(m.get(k), (list, dict))},
+                               "meta": _meta(argv, a.threads)})
+    write_table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
