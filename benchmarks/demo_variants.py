@@ -1,7 +1,9 @@
 """Demo schedule variants (issue 2's demo goals): the same generated data and recipe, one change at a time.
 
 Each variant runs ``instaprune.demo.run_demo`` with a modified :class:`DemoSchedule` and writes its metrics to
-``results/demo_variants/<variant>_s<seed>_t<threads>.json`` (command, commit, torch, cores, date inside); the
+``results/demo_variants/<variant>_s<seed>_t<threads>.json`` (schedule, recipe, command, commit, torch, cores,
+date inside; the first four files, of session 6, predate the schedule/recipe fields: their overrides are the
+variant's entry in ``VARIANTS``); the
 markdown table ``results/demo_variants/demo_variants.md`` is regenerated from every JSON there.
 
     python benchmarks/demo_variants.py --variants default,one,one_nofc --threads 1
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "one_ctl_nofc": ("mode one, controller on, classifier input not masked",
                      {"threshold_mode": "one", "prune_aware_control": True, "exclude": ("fc",)}),
 }
+
 
 def _meta(argv: list[str], threads: int) -> dict:
     import torch
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(OUT / f"{v}_s{a.seed}_t{a.threads}.json",
                               {"variant": v, "seed": a.seed, "metrics": {k: m.get(k) for k in m if not
                                                                          isinstance(m.get(k), (list, dict))},
+                               "schedule": asdict(sched), "recipe": m.get("recipe"),
                                "meta": _meta(argv, a.threads)})
     write_table()
     return 0
