@@ -122,6 +122,9 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
         specs.append(("static: L1-norm filter pruning + fine-tune (same epochs)", "static"))
         for name, tag in specs:
             rows += method_rows(work, name, tag, base_correct, baseline)
+        for r in rows:
+            if r["method"].startswith("method") and not r["interpolated"]:
+                r["diagnosis"] = method_diagnosis(work, method_tag, r["target"])
         meth = {r["target"]: r for r in rows if r.get("setting") == method_tag and not r["interpolated"]}
         for r in rows:  # method vs static at equal target (paired bootstrap where both are measured)
             if r.get("setting") == "static" and r["target"] in meth and not r["interpolated"]:
@@ -203,6 +206,71 @@ CHOICE_HOW = {
 }
 
 
+def _point_table(report_md: Path) -> list[dict[str, Any]]:
+    """The "Prune points" table of an evaluation's report.md (point, C, MACs share, CV, tau, keep mean, keep CV)."""
+    if not report_md.is_file():
+        return []
+    out, on = [], False
+    for line in report_md.read_text().splitlines():
+        if line.startswith("## "):
+            on = line.strip() == "## Prune points"
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if on and len(cells) == 7 and cells[0] not in ("point", "---"):
+            out.append({"point": cells[0], "share": float(cells[2]), "keep": float(cells[5])})
+    return out
+
+
+def method_diagnosis(work: Path, tag: str, t: float) -> dict[str, Any] | None:
+    """Why a method row lands where it does: the prune-aware phase's train top-1 per epoch (under the masks), the
+    dense vs masked test top-1 of the final weights, and the MACs-weighted keep ratio of the residual-stream
+    inputs (``*.conv1`` of CIFAR ResNet blocks), the block-internal inputs (``*.conv2``) and the classifier."""
+    m = _load(work / f"ev_{tag}_{t}" / "metrics.json")
+    if m is None:
+        return None
+    hist = work / f"{tag}_{t}" / "prune_aware" / "metrics.jsonl"
+    epochs = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()] if hist.is_file() else []
+    pts = _point_table(work / f"ev_{tag}_{t}" / "report.md")
+
+    def keep(pred) -> float | None:
+        sel = [p for p in pts if pred(p["point"])]
+        w = sum(p["share"] for p in sel)
+        return None if not sel else (sum(p["share"] * p["keep"] for p in sel) / w if w > 0 else
+                                     sum(p["keep"] for p in sel) / len(sel))
+
+    return {"target": t, "train_top1": [e.get("train_top1") for e in epochs],
+            "train_flops_reduction": [e.get("train_flops_reduction") for e in epochs],
+            "dense_top1": m["dense_top1"], "top1": m["top1"], "flops_reduction": m["flops_reduction"],
+            "keep_residual": keep(lambda n: n.endswith(".conv1")),
+            "keep_internal": keep(lambda n: n.endswith(".conv2")),
+            "keep_classifier": keep(lambda n: "." not in n),
+            "internal_share": sum(p["share"] for p in pts if p["point"].endswith(".conv2")) or None}
+
+
+def diagnosis(rows: list[dict]) -> list[str]:
+    """Markdown: the method rows' diagnosis (``method_diagnosis``), when any was measured."""
+    ds = [r["diagnosis"] for r in rows if r.get("diagnosis")]
+    if not ds:
+        return []
+    f = (lambda v, nd=3: "" if v is None else f"{v:.{nd}f}")  # noqa: E731
+    out = ["", "Why the method's rows land where they do (test split; keep ratios weighted by MACs share; "
+           "residual stream = conv1 inputs, block-internal = conv2 inputs):", "",
+           "| target | prune-aware train top-1 per epoch (masks on) | dense top-1 of the final weights | masked top-1 "
+           "| keep: residual stream | keep: block-internal | keep: classifier | MACs share of block-internal inputs |",
+           "|---|---|---|---|---|---|---|---|"]
+    for d in ds:
+        out.append(f"| {d['target']:.2f} | {' / '.join(f(v) for v in d['train_top1'])} | {f(d['dense_top1'], 4)} | "
+                   f"{f(d['top1'], 4)} | {f(d['keep_residual'])} | {f(d['keep_internal'])} | "
+                   f"{f(d['keep_classifier'])} | {f(d['internal_share'])} |")
+    out += ["", "Reading: dynamic pruning saves MACs only in the consumer of a pruned input, so a reduction above the "
+            "block-internal inputs' share has to cut the residual stream's inputs as well, while static filter "
+            "pruning of a block's inner channels saves in both of its convs; and when the masked and dense top-1 of "
+            "the final weights agree, the accuracy was lost in training under the masks (low train top-1), not by "
+            "the masks at inference. The side study below (`benchmarks/pa_allocation.py`) trains the same phase "
+            "with static masks of the same MACs and with other dynamic shapes."]
+    return out
+
+
 def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs: list[dict]) -> str:
     f = (lambda v, nd=4: "" if v is None else f"{v:.{nd}f}")  # noqa: E731
     lines = [f"# CIFAR-10 study: {model}", "", "```", json.dumps(meta), "```", "",
@@ -232,6 +300,7 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
         lines += ["", "Published figures (theirs: original CIFAR-10 test set, their baselines, not reproduced here):",
                   "", "| method | FLOPs reduction | top-1 error increase (points) |", "|---|---|---|"]
         lines += [f"| {n} | {r:.3f} | {e:+.2f} |" for n, r, e in PEERS[model]]
+    lines += diagnosis(rows)
     for g in grid:
         how = CHOICE_HOW.get(g["choice"], "holdout top-1")
         lines += ["", f"Choice: {g['choice']} ({how}):", "",

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "demo_variants"
 
-#: variant -> (what it changes, DemoSchedule overrides)
+#: variant -> (what it changes, DemoSchedule overrides; the key ``recipe`` holds DemoRecipe overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "default": ("the shipped schedule (max mode, greedy search, controller off)", {}),
     "nofc": ("the classifier's input is not masked", {"exclude": ("fc",)}),
@@ -36,6 +36,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                  {"prune_aware_control": True, "exclude": ("fc",)}),
     "one_ctl_nofc": ("mode one, controller on, classifier input not masked",
                      {"threshold_mode": "one", "prune_aware_control": True, "exclude": ("fc",)}),
+    "distill_nofc": ("the method branch also learns from the baseline branch's soft targets (weight 0.5, "
+                     "fine-tune and prune-aware phases), classifier input not masked",
+                     {"distill": 0.5, "exclude": ("fc",)}),
+    "lam02_nofc": ("weaker feature decay (lambda 0.2 instead of 0.5), classifier input not masked",
+                   {"recipe": {"decay_lam": 0.2}, "exclude": ("fc",)}),
+    "distill_lam02_nofc": ("distillation 0.5 and lambda 0.2, classifier input not masked",
+                           {"distill": 0.5, "recipe": {"decay_lam": 0.2}, "exclude": ("fc",)}),
 }
 
 
@@ -84,15 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     if not a.table_only:
         import torch
 
-        from instaprune.demo import DemoSchedule, run_demo
+        from instaprune.demo import DEMO_RECIPE, DemoSchedule, run_demo
         from instaprune.io import atomic_write_json
 
         torch.set_num_threads(a.threads)
         OUT.mkdir(parents=True, exist_ok=True)
         for v in names:
-            sched = replace(DemoSchedule(), **VARIANTS[v][1])
+            over = dict(VARIANTS[v][1])
+            recipe = replace(DEMO_RECIPE, **over.pop("recipe", {}))
+            sched = replace(DemoSchedule(), **over)
             with tempfile.TemporaryDirectory() as tmp:
-                m = run_demo(tmp, seed=a.seed, schedule=sched)
+                m = run_demo(tmp, seed=a.seed, schedule=sched, recipe=recipe)
             atomic_write_json(OUT / f"{v}_s{a.seed}_t{a.threads}.json",
                               {"variant": v, "seed": a.seed, "metrics": {k: m.get(k) for k in m if not
                                                                          isinstance(m.get(k), (list, dict))},

@@ -15,6 +15,8 @@ different threshold *shapes* and reports the learning curve and the masked holdo
   how fast the network recovers from a static cut of the same MACs;
 - ``topk``: every image keeps the same number of channels per point (its strongest ones): dynamic choice,
   static count; ``_floor<NN>``: a floor of NN% of each point's channels under the thresholds;
+- ``_ste<NN>``: a straight-through gate in the backward pass (``MaskedModel(ste=NN/100)``): the loss reaches
+  the saliencies, so channels can learn to cross their thresholds;
 - suffix ``_nofc``: the classifier's input (a Linear point: it saves almost nothing) is not masked.
 
     python benchmarks/pa_allocation.py --checkpoint results/study/resnet20/ft_l1max_0.05/model.pt \
@@ -219,7 +221,8 @@ def run_variant(args, variant: str) -> dict:
     if variant.startswith("hybrid"):  # static cut to NN% first, then dynamic thresholds for the rest
         StaticMasks(lm.model, points, names, hb, int(variant.split("_")[0][6:]) / 100)
         taus = uniform_taus(lm.model, names, hb, args.target, args.mode)
-    masked = MaskedModel(lm.model, points, taus, th)
+    ste = next((int(t[3:]) / 100 for t in variant.split("_") if t.startswith("ste")), 0.0)
+    masked = MaskedModel(lm.model, points, taus, th, ste=ste)
     pp = "_pp" in variant
     ctl = None if variant.startswith("topk") else (PerPointController if pp else TargetController)(
         masked, PruneAwareConfig(args.target, args.ramp))
@@ -252,6 +255,8 @@ VARIANT_DOC = {
     "uniform_floor30_nofc": "uniform_nofc with a floor of 30% of each point's channels",
     "topk_nofc": "every image keeps the same number of channels per point (its strongest): dynamic choice, fixed count",
     "hybrid45_nofc": "static cut to 45% (as static_nofc), then uniform dynamic thresholds for the rest",
+    "uniform_ste50_nofc": "uniform_nofc with a straight-through gate (temperature 0.5 x threshold)",
+    "uniform_ste20_nofc": "uniform_nofc with a straight-through gate (temperature 0.2 x threshold)",
     "static_nofc": "the same channels for every image (lowest mean holdout saliency), same fraction per point",
 }
 

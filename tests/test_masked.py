@@ -92,3 +92,39 @@ def test_masking_zeroes_only_the_consumer_input():
     expect = rep.dense_macs - (p.channels - keep.sum(1)).double() * p.macs_per_channel
     assert torch.allclose(mm.instance_macs(), expect)
     mm.remove()
+
+
+def _grad_of_conv1_input(ste: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, keep mask and the gradient reaching layer1.0.conv1's input only through that consumer."""
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    rep = find_prune_points(model, x[:1])
+    mm = MaskedModel(model, rep, {"layer1.0.conv1": 0.9}, ThresholdConfig("max", 0.0), record_masks=True, ste=ste)
+    feat = {}
+
+    def grab(m, a):  # a leaf in front of the consumer: its gradient comes only through conv1 (and the mask)
+        feat["x"] = a[0].detach().requires_grad_(True)
+        return (feat["x"],)
+
+    h = model.layer1[0].conv1.register_forward_pre_hook(grab, prepend=True)
+    out = mm(x)
+    model.layer1[0].conv1(feat["x"]).sum().backward()  # only the consumer's own output, masked as in mm
+    keep = mm.masks["layer1.0.conv1"]
+    h.remove()
+    mm.remove()
+    return out.detach(), keep, feat["x"].grad
+
+
+def test_straight_through_gate_changes_only_the_backward():
+    out0, keep0, g0 = _grad_of_conv1_input(0.0)
+    out1, keep1, g1 = _grad_of_conv1_input(0.5)
+    assert torch.equal(keep0, keep1) and (~keep0).any()
+    assert torch.allclose(out0, out1)  # the forward value is the hard mask either way
+    dropped = (~keep0).t()  # (C, N)
+    # hard mask: a pruned channel gets no gradient through its consumer; the gate gives it one
+    assert g0.permute(1, 0, 2, 3)[dropped].abs().sum() == 0
+    assert g1.permute(1, 0, 2, 3)[dropped].abs().sum() > 0
+    with pytest.raises(ConfigError):
+        MaskedModel(build_model("resnet20"), find_prune_points(build_model("resnet20"), torch.zeros(1, 3, 32, 32)),
+                    {}, ste=-1.0)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cifar10_report import method_rows, paired_bootstrap  # noqa: E402
+from cifar10_report import diagnosis, method_diagnosis, method_rows, paired_bootstrap  # noqa: E402
+from instaprune.report import write_markdown  # noqa: E402
 
 
 def test_paired_bootstrap_interval():
@@ -146,3 +147,25 @@ def test_runner_sees_other_processes_stages(tmp_path):
         p.kill()
         p.wait()
     assert not st._busy(out)
+
+
+def test_method_diagnosis_reads_the_evaluation_report(tmp_path):
+    ev = tmp_path / "ev_x_0.6"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"flops_reduction": 0.6, "top1": 0.46, "dense_top1": 0.47}))
+    per_point = [{"name": n, "channels": 16, "macs_share": sh, "cv": 0.5, "tau": 0.3, "keep_mean": k, "keep_cv": 0.1}
+                 for n, sh, k in (("layer1.0.conv1", 0.25, 0.8), ("layer1.0.conv2", 0.25, 0.2),
+                                  ("layer2.0.conv1", 0.125, 0.5), ("layer2.0.conv2", 0.375, 0.4), ("linear", 0.0, 0.3))]
+    write_markdown(ev, "t", {"top1": 0.46}, per_point, ["a.png"], ["a note"])  # the format the study reads
+    pa = tmp_path / "x_0.6" / "prune_aware"
+    pa.mkdir(parents=True)
+    pa.joinpath("metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_top1": t}) + "\n"
+                                                    for e, t in ((1, 0.7), (2, 0.45))))
+    assert method_diagnosis(tmp_path, "y", 0.6) is None  # not evaluated: nothing to diagnose
+    d = method_diagnosis(tmp_path, "x", 0.6)
+    assert d["train_top1"] == [0.7, 0.45] and d["dense_top1"] == 0.47 and d["top1"] == 0.46
+    assert abs(d["keep_residual"] - (0.25 * 0.8 + 0.125 * 0.5) / 0.375) < 1e-9  # MACs-weighted
+    assert abs(d["keep_internal"] - (0.25 * 0.2 + 0.375 * 0.4) / 0.625) < 1e-9
+    assert d["keep_classifier"] == 0.3 and d["internal_share"] == 0.625
+    md = "\n".join(diagnosis([{"diagnosis": d}, {"diagnosis": None}]))
+    assert "| 0.60 | 0.700 / 0.450 | 0.4700 | 0.4600 | 0.700 | 0.320 | 0.300 | 0.625 |" in md

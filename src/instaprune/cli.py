@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar: random crop (pad 4) + flip; flip: flip only")
     p.add_argument("--lam", type=float, default=0.0, help="feature-decay strength lambda (>= 0; 0 = plain "
                    "training)")
-    p.add_argument("--penalty", choices=("l21", "l1l2", "l1max"), default="l1max",
-                   help="l21: paper's l2,1; l1l2 and l1max: scale-invariant variants")
+    p.add_argument("--penalty", choices=("l21", "l1l2", "l1max"), default="l1l2",
+                   help="l21: paper's l2,1; l1l2 and l1max: scale-invariant variants (default l1l2: the "
+                   "CIFAR-10 study's choice, RESULTS.md)")
     p.add_argument("--weights", choices=("uniform", "flops"), default="uniform",
                    help="per-point weights: 1/C or share of MACs per channel")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")

@@ -78,6 +78,12 @@ class MaskedModel(nn.Module):
     (N,), ``masks`` the keep masks when ``record_masks`` is set, and ``instance_macs()`` the per-instance MACs.
     ``forced`` (point -> bool mask (N, C)) overrides the thresholds (used to test the fast engine).
     Gradients flow through the kept channels, so the same object serves prune-aware fine-tuning.
+
+    ``ste`` > 0 (training only): a straight-through gate. The forward value is unchanged (the hard mask), but the
+    backward pass treats each channel's mask as ``sigmoid((s - thr) / (ste * thr))``, so the loss also reaches
+    the saliencies: a pruned channel that would have lowered the loss is pushed above its threshold and a kept
+    one that hurts is pushed below (with the hard mask alone, a pruned channel gets no gradient through this
+    consumer). Only while gradients are enabled; evaluation and the engine never see it.
     """
 
     def __init__(
@@ -88,8 +94,12 @@ class MaskedModel(nn.Module):
         cfg: ThresholdConfig | None = None,
         scale: float = 1.0,
         record_masks: bool = False,
+        ste: float = 0.0,
     ) -> None:
         super().__init__()
+        if not ste >= 0.0:
+            raise ConfigError(f"straight-through temperature must be >= 0, got {ste}")
+        self.ste = float(ste)
         self.model = model
         self.report = points
         self.cfg = cfg or ThresholdConfig()
@@ -125,7 +135,13 @@ class MaskedModel(nn.Module):
             if self.record_masks:
                 self.masks[name] = keep
             shape = keep.shape + (1,) * (x.dim() - 2)
-            return (x * keep.view(shape).to(x.dtype),) + tuple(args[1:])
+            m = keep.to(x.dtype)
+            if self.ste > 0 and self.forced is None and torch.is_grad_enabled() and x.requires_grad:
+                s = saliency(x)
+                thr = (self.taus[name] * self.scale * reference(s.detach(), self.cfg.mode)).clamp_min(1e-12)
+                g = torch.sigmoid((s - thr) / (self.ste * thr))
+                m = m + (g - g.detach())
+            return (x * m.view(shape),) + tuple(args[1:])
 
         return hook
 

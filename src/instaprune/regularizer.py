@@ -35,8 +35,11 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class FeatureDecayConfig:
+    """``penalty`` default ``l1l2``: the CIFAR-10 study's choice on ResNet-20 (holdout top-1 at 60% FLOPs
+    reduction after the prune-aware phase: l1l2 0.560, l21 0.490, l1max 0.445; RESULTS.md)."""
+
     lam: float = 0.0
-    penalty: str = "l1max"
+    penalty: str = "l1l2"
     weights: str = "uniform"
 
     def __post_init__(self) -> None:
