@@ -8,16 +8,15 @@ interpolated linearly between the two measured neighbours of the same method and
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from runinfo import ROOT, run_meta
+
 TARGETS = (0.3, 0.45, 0.6, 0.7)
 MATCH = 0.015
 #: published figures (their papers, original CIFAR-10 test set, their own baselines): error increase in points
@@ -137,10 +136,7 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
     pending = [s.name for s in plan if not s.done()]
     grid = [{"choice": k, "holdout_score": v} for k, v in (ch.scores.items() if ch is not None else [])]
     costs = [{"stage": s.name, "done": s.done(), "seconds": _cost(s), "cpu_seconds": _cpu(s)} for s in plan]
-    meta = {"command": f"python benchmarks/cifar10_study.py report --model {model}",
-            "commit": _git("rev-parse", "HEAD"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": _torch(), "cores": os.cpu_count(), "threads_per_stage": 1,
+    meta = {**run_meta("cifar10_study.py", ["report", "--model", model]), "threads_per_stage": 1,
             "choices": None if ch is None else {k: getattr(ch, k) for k in ("cfg", "mode", "select", "prune_aware")},
             "pending_stages": pending}
     out = results / f"cifar10_{model}.json"
@@ -355,14 +351,3 @@ def _cpu(s) -> float | None:
     return None if v is None else float(v)
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
-def _torch() -> str:
-    import torch
-
-    return torch.__version__

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runinfo import ROOT, run_meta
+
 OUT = ROOT / "results" / "demo_variants"
 
 #: variant -> (what it changes, DemoSchedule overrides; the key ``recipe`` holds DemoRecipe overrides)
@@ -44,15 +42,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "distill_lam02_nofc": ("distillation 0.5 and lambda 0.2, classifier input not masked",
                            {"distill": 0.5, "recipe": {"decay_lam": 0.2}, "exclude": ("fc",)}),
 }
-
-
-def _meta(argv: list[str], threads: int) -> dict:
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return {"command": "python benchmarks/demo_variants.py " + " ".join(argv), "commit": commit.stdout.strip(),
-            "torch": torch.__version__, "cores": os.cpu_count(), "threads": threads,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def write_table(out: Path = OUT) -> Path:
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                               {"variant": v, "seed": a.seed, "metrics": {k: m.get(k) for k in m if not
                                                                          isinstance(m.get(k), (list, dict))},
                                "schedule": asdict(sched), "recipe": m.get("recipe"),
-                               "meta": _meta(argv, a.threads)})
+                               "meta": run_meta("demo_variants.py", argv, threads=a.threads)})
     write_table()
     return 0
 

@@ -30,11 +30,9 @@ machine (each part writes its own JSON), then ``--merge`` the parts into ``resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,8 +60,8 @@ from instaprune.points import find_prune_points
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_latency_report import render  # noqa: E402
+from runinfo import ROOT, run_meta  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {  # relative to the repository (../shared is the project's shared data directory)
     "cifar_test": "../shared/data/cifar10-test-jpeg",
     "cifar_train": ".data/cifar10-train-jpeg",
@@ -444,13 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     start = time.time()
-    meta = {"command": " ".join(["python benchmarks/engine_latency.py",
-                                 *(argv if argv is not None else sys.argv[1:])]),
-            "config": {k: v for k, v in vars(args).items() if k not in ("merge", "render_only")},
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "-uno")),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "pairs": args.pairs, "clock": {t: clock_for(t, args.clock) for t in threads},
-            "cpu": _cpu_name(), **machine()}
+    meta = run_meta("engine_latency.py", argv if argv is not None else sys.argv[1:],
+                    config={k: v for k, v in vars(args).items() if k not in ("merge", "render_only")},
+                    pairs=args.pairs, clock={t: clock_for(t, args.clock) for t in threads}, **machine())
+    meta["git_commit"] = meta.pop("commit")
     meta["load_avg_at_start"] = meta.pop("load_avg")
     rows: list[dict] = []
     for t in threads:
@@ -480,24 +475,6 @@ def procs_running() -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _git(*a: str) -> str:
-    try:
-        done = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,8 +43,7 @@ from instaprune.pipeline import cached_batches, discover, load_model, load_split
 from instaprune.prune_aware import PruneAwareConfig, TargetController
 from instaprune.regularizer import FeatureDecayConfig
 from instaprune.train import TrainConfig, train
-
-ROOT = Path(__file__).resolve().parents[1]
+from runinfo import run_meta
 
 
 @torch.no_grad()
@@ -262,11 +260,8 @@ VARIANT_DOC = {
 
 
 def _meta(args: argparse.Namespace) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return {"command": "python benchmarks/pa_allocation.py " + " ".join(a for a in sys.argv[1:]),
-            "commit": commit.strip(), "torch": torch.__version__, "cores": os.cpu_count(),
-            "threads_per_variant": args.threads, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
-            "config": {k: v for k, v in vars(args).items() if k not in ("variant",)}}
+    return run_meta("pa_allocation.py", sys.argv[1:], threads_per_variant=args.threads,
+                    config={k: v for k, v in vars(args).items() if k not in ("variant",)})
 
 
 def write_table(out: Path) -> str:
