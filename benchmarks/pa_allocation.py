@@ -17,6 +17,8 @@ different threshold *shapes* and reports the learning curve and the masked holdo
   static count; ``_floor<NN>``: a floor of NN% of each point's channels under the thresholds;
 - ``_ste<NN>``: a straight-through gate in the backward pass (``MaskedModel(ste=NN/100)``): the loss reaches
   the saliencies, so channels can learn to cross their thresholds;
+- ``frozen``: per-image masks from a frozen copy of the starting weights during training (masks that do not
+  move with the weights), evaluated with the trained model's own masks;
 - suffix ``_nofc``: the classifier's input (a Linear point: it saves almost nothing) is not masked.
 
     python benchmarks/pa_allocation.py --checkpoint results/study/resnet20/ft_l1max_0.05/model.pt \
@@ -140,6 +142,33 @@ class StaticMasks:
         return fn
 
 
+class FrozenMasks(MaskedModel):
+    """Per-image masks that do not move while the network trains: each batch's masks are those of a frozen copy
+    of the starting weights (eval mode, the same taus and global scale), forced onto the training model. Tells
+    apart the two things dynamic masks add over static ones: per-image variation (kept here) and masks that
+    change as the weights change (removed here)."""
+
+    def __init__(self, model, points, taus, cfg) -> None:
+        import copy
+
+        frozen = copy.deepcopy(model).eval()  # before this wrapper hooks the model (a copy would keep the hooks)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        super().__init__(model, points, taus, cfg)
+        # not a registered submodule: .train() and .parameters() of the wrapper must not reach it
+        self.__dict__["frozen"] = MaskedModel(frozen, points, taus, cfg, record_masks=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():  # training steps (not BN re-estimation, not evaluation)
+            self.frozen.set_taus(self.taus, self.scale)
+            with torch.no_grad():
+                self.frozen(x)
+            self.forced = dict(self.frozen.masks)
+        else:  # the model's own masks (what inference would use)
+            self.forced = None
+        return super().forward(x)
+
+
 @torch.no_grad()
 def plain_top1(model, batches) -> float:
     model.eval()
@@ -196,7 +225,7 @@ def run_variant(args, variant: str) -> dict:
         cover = sum(p.macs for p in points if p.name in names) / points.dense_macs
         floor = 1.0 - args.target / cover
     th = ThresholdConfig(args.mode, floor)
-    if variant.startswith("shared"):
+    if variant.startswith("shared") or variant.startswith("frozenshared"):
         plan = calibrate(lm.model, points, hb, CalibrationConfig(args.target, "shared", th), selected=names)
         taus = plan.taus
     else:
@@ -220,7 +249,8 @@ def run_variant(args, variant: str) -> dict:
         StaticMasks(lm.model, points, names, hb, int(variant.split("_")[0][6:]) / 100)
         taus = uniform_taus(lm.model, names, hb, args.target, args.mode)
     ste = next((int(t[3:]) / 100 for t in variant.split("_") if t.startswith("ste")), 0.0)
-    masked = MaskedModel(lm.model, points, taus, th, ste=ste)
+    masked = FrozenMasks(lm.model, points, taus, th) if variant.startswith("frozen") else \
+        MaskedModel(lm.model, points, taus, th, ste=ste)
     pp = "_pp" in variant
     ctl = None if variant.startswith("topk") else (PerPointController if pp else TargetController)(
         masked, PruneAwareConfig(args.target, args.ramp))
@@ -255,6 +285,8 @@ VARIANT_DOC = {
     "hybrid45_nofc": "static cut to 45% (as static_nofc), then uniform dynamic thresholds for the rest",
     "uniform_ste50_nofc": "uniform_nofc with a straight-through gate (temperature 0.5 x threshold)",
     "uniform_ste20_nofc": "uniform_nofc with a straight-through gate (temperature 0.2 x threshold)",
+    "frozen_nofc": "uniform_nofc, but each batch's masks come from a frozen copy of the starting weights "
+                   "(per-image masks that do not move while training; evaluated with the model's own masks)",
     "static_nofc": "the same channels for every image (lowest mean holdout saliency), same fraction per point",
 }
 
