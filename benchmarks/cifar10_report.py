@@ -263,7 +263,8 @@ def diagnosis(rows: list[dict]) -> list[str]:
             "pruning of a block's inner channels saves in both of its convs; and when the masked and dense top-1 of "
             "the final weights agree, the accuracy was lost in training under the masks (low train top-1), not by "
             "the masks at inference. The side study below (`benchmarks/pa_allocation.py`) trains the same phase "
-            "with static masks of the same MACs and with other dynamic shapes."]
+            "with static masks of the same MACs, with other dynamic shapes and with per-image masks frozen at the "
+            "starting weights: static masks are learnt, per-image masks (moving or frozen) are not."]
     return out
 
 
