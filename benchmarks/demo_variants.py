@@ -39,6 +39,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                      {"distill": 0.5, "exclude": ("fc",)}),
     "lam02_nofc": ("weaker feature decay (lambda 0.2 instead of 0.5), classifier input not masked",
                    {"recipe": {"decay_lam": 0.2}, "exclude": ("fc",)}),
+    "w24_nofc": ("a wider network (width 24 instead of 16: 2.25x the MACs), classifier input not masked",
+                 {"recipe": {"width": 24}, "exclude": ("fc",)}),
+    "w32_nofc": ("a wider network (width 32 instead of 16: 4x the MACs), classifier input not masked",
+                 {"recipe": {"width": 32}, "exclude": ("fc",)}),
     "distill_lam02_nofc": ("distillation 0.5 and lambda 0.2, classifier input not masked",
                            {"distill": 0.5, "recipe": {"decay_lam": 0.2}, "exclude": ("fc",)}),
 }
