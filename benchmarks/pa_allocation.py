@@ -19,6 +19,7 @@ different threshold *shapes* and reports the learning curve and the masked holdo
   the saliencies, so channels can learn to cross their thresholds;
 - ``frozen``: per-image masks from a frozen copy of the starting weights during training (masks that do not
   move with the weights), evaluated with the trained model's own masks;
+- ``_rescale``: energy-preserving masks (kept channels scaled per image to keep the input's energy);
 - suffix ``_nofc``: the classifier's input (a Linear point: it saves almost nothing) is not masked.
 
     python benchmarks/pa_allocation.py --checkpoint results/study/resnet20/ft_l1max_0.05/model.pt \
@@ -40,7 +41,7 @@ import torch
 
 from instaprune.calibrate import CalibrationConfig, Evaluator, calibrate, recalibrate_batchnorm
 from instaprune.io import atomic_write_json, atomic_write_text
-from instaprune.masked import MaskedModel, ThresholdConfig, reference, saliency
+from instaprune.masked import MaskedModel, ThresholdConfig, keep_mask, reference, saliency
 from instaprune.pipeline import cached_batches, discover, load_model, load_split
 from instaprune.prune_aware import PruneAwareConfig, TargetController
 from instaprune.regularizer import FeatureDecayConfig
@@ -169,6 +170,29 @@ class FrozenMasks(MaskedModel):
         return super().forward(x)
 
 
+class RescaledMasks(MaskedModel):
+    """Energy-preserving masks: the kept channels of each image are multiplied by sqrt(sum_c s_c^2 / sum_kept
+    s_c^2) (one scalar per image and point, no gradient), so the consumer's input keeps its per-image energy,
+    as inverted dropout keeps its expectation. Tests whether the per-image scale change that masks cause (a
+    different one for every image, unlike static masks) is what the network fails to learn."""
+
+    def _hook(self, name: str):
+        def hook(m, args):
+            if not self.enabled:
+                return None
+            x = args[0]
+            with torch.no_grad():
+                s = saliency(x.detach())
+                keep = keep_mask(s, self.taus[name] * self.scale, self.cfg)
+                e = s.square()
+                gain = (e.sum(1) / (e * keep).sum(1).clamp_min(1e-12)).sqrt()
+            self.active[name] = keep.sum(dim=1)
+            mult = (keep.to(x.dtype) * gain[:, None].to(x.dtype)).view(keep.shape + (1,) * (x.dim() - 2))
+            return (x * mult,) + tuple(args[1:])
+
+        return hook
+
+
 @torch.no_grad()
 def plain_top1(model, batches) -> float:
     model.eval()
@@ -249,8 +273,12 @@ def run_variant(args, variant: str) -> dict:
         StaticMasks(lm.model, points, names, hb, int(variant.split("_")[0][6:]) / 100)
         taus = uniform_taus(lm.model, names, hb, args.target, args.mode)
     ste = next((int(t[3:]) / 100 for t in variant.split("_") if t.startswith("ste")), 0.0)
-    masked = FrozenMasks(lm.model, points, taus, th) if variant.startswith("frozen") else \
-        MaskedModel(lm.model, points, taus, th, ste=ste)
+    if variant.startswith("frozen"):
+        masked = FrozenMasks(lm.model, points, taus, th)
+    elif "_rescale" in variant:
+        masked = RescaledMasks(lm.model, points, taus, th)
+    else:
+        masked = MaskedModel(lm.model, points, taus, th, ste=ste)
     pp = "_pp" in variant
     ctl = None if variant.startswith("topk") else (PerPointController if pp else TargetController)(
         masked, PruneAwareConfig(args.target, args.ramp))
@@ -287,6 +315,8 @@ VARIANT_DOC = {
     "uniform_ste20_nofc": "uniform_nofc with a straight-through gate (temperature 0.2 x threshold)",
     "frozen_nofc": "uniform_nofc, but each batch's masks come from a frozen copy of the starting weights "
                    "(per-image masks that do not move while training; evaluated with the model's own masks)",
+    "uniform_rescale_nofc": "uniform_nofc with energy-preserving masks (kept channels scaled per image so the "
+                            "input keeps its energy)",
     "static_nofc": "the same channels for every image (lowest mean holdout saliency), same fraction per point",
 }
 
