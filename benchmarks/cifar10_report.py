@@ -125,13 +125,13 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
             if r["method"].startswith("method") and not r["interpolated"]:
                 r["diagnosis"] = method_diagnosis(work, method_tag, r["target"])
         meth = {r["target"]: r for r in rows if r.get("setting") == method_tag and not r["interpolated"]}
-        for r in rows:  # method vs static at equal target (paired bootstrap where both are measured)
-            if r.get("setting") == "static" and r["target"] in meth and not r["interpolated"]:
+        for r in rows:  # method vs each ablation / static row at equal target (paired, where both are measured)
+            if r.get("setting") not in (None, method_tag) and r["target"] in meth and not r["interpolated"]:
                 a = _per_image(work / f"ev_{method_tag}_{r['target']}", "correct")
-                b = _per_image(work / f"ev_static_{r['target']}", "correct")
+                b = _per_image(work / f"ev_{r['setting']}_{r['target']}", "correct")
                 if a is not None and b is not None:
-                    r["method_minus_static"] = meth[r["target"]]["top1"] - r["top1"]
-                    r["method_minus_static_ci95"] = list(paired_bootstrap(a, b))
+                    r["method_minus_row"] = meth[r["target"]]["top1"] - r["top1"]
+                    r["method_minus_row_ci95"] = list(paired_bootstrap(a, b))
     have = {(r.get("setting"), r["target"]) for r in rows}
     pending = [s.name for s in plan if not s.done()]
     grid = [{"choice": k, "holdout_score": v} for k, v in (ch.scores.items() if ch is not None else [])]
@@ -271,16 +271,20 @@ def diagnosis(rows: list[dict]) -> list[str]:
 def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs: list[dict]) -> str:
     f = (lambda v, nd=4: "" if v is None else f"{v:.{nd}f}")  # noqa: E731
     lines = [f"# CIFAR-10 study: {model}", "", "```", json.dumps(meta), "```", "",
-             "| method | target | FLOPs reduction (test) | top-1 | baseline top-1 | diff (points) | 95% CI | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | target | FLOPs reduction (test) | top-1 | baseline top-1 | diff (points) | 95% CI | "
+             "method minus this row (points, 95% CI) | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = None if r.get("baseline_top1") is None else 100 * (r["top1"] - r["baseline_top1"])
         ci = "" if not r.get("ci95") else f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
         note = "interpolated" if r.get("interpolated") else ("outside measured range" if r.get("unmatched") else "")
         if r.get("unadapted_top1") is not None:
             note = f"unadapted public checkpoint: {r['unadapted_top1']:.4f}"
+        vs = "" if r.get("method_minus_row") is None else (
+            f"{100 * r['method_minus_row']:+.2f} [{100 * r['method_minus_row_ci95'][0]:+.2f}, "
+            f"{100 * r['method_minus_row_ci95'][1]:+.2f}]")
         lines.append(f"| {r['method']} | {r['target']:.2f} | {f(r['flops_reduction'], 3)} | {f(r['top1'])} | "
-                     f"{f(r.get('baseline_top1'))} | {'' if diff is None else f'{diff:+.2f}'} | {ci} | {note} |")
+                     f"{f(r.get('baseline_top1'))} | {'' if diff is None else f'{diff:+.2f}'} | {ci} | {vs} | {note} |")
     lat = [r for r in rows if "latency_b1_t1" in r or "latency_b32_t1" in r]
     if lat:
         lines += ["", "Latency of the method's rows (fast engine vs the fastest dense model, 1 thread; batch 1: mean "

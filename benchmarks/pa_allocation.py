@@ -20,6 +20,7 @@ different threshold *shapes* and reports the learning curve and the masked holdo
 - ``frozen``: per-image masks from a frozen copy of the starting weights during training (masks that do not
   move with the weights), evaluated with the trained model's own masks;
 - ``_rescale``: energy-preserving masks (kept channels scaled per image to keep the input's energy);
+- ``_ramp<NN>``: the controller's target ramps over NN% of the phase (default ``--ramp``);
 - suffix ``_nofc``: the classifier's input (a Linear point: it saves almost nothing) is not masked.
 
     python benchmarks/pa_allocation.py --checkpoint results/study/resnet20/ft_l1max_0.05/model.pt \
@@ -273,6 +274,7 @@ def run_variant(args, variant: str) -> dict:
         StaticMasks(lm.model, points, names, hb, int(variant.split("_")[0][6:]) / 100)
         taus = uniform_taus(lm.model, names, hb, args.target, args.mode)
     ste = next((int(t[3:]) / 100 for t in variant.split("_") if t.startswith("ste")), 0.0)
+    ramp = next((int(t[4:]) / 100 for t in variant.split("_") if t.startswith("ramp")), args.ramp)
     if variant.startswith("frozen"):
         masked = FrozenMasks(lm.model, points, taus, th)
     elif "_rescale" in variant:
@@ -281,7 +283,7 @@ def run_variant(args, variant: str) -> dict:
         masked = MaskedModel(lm.model, points, taus, th, ste=ste)
     pp = "_pp" in variant
     ctl = None if variant.startswith("topk") else (PerPointController if pp else TargetController)(
-        masked, PruneAwareConfig(args.target, args.ramp))
+        masked, PruneAwareConfig(args.target, ramp))
     res = train(lm.model, sub, cfg, points, lm.pre, None, None, None, masked=masked, controller=ctl)
     sec = time.perf_counter() - t0
     if ctl is None:
@@ -317,6 +319,7 @@ VARIANT_DOC = {
                    "(per-image masks that do not move while training; evaluated with the model's own masks)",
     "uniform_rescale_nofc": "uniform_nofc with energy-preserving masks (kept channels scaled per image so the "
                             "input keeps its energy)",
+    "uniform_ramp90_nofc": "uniform_nofc with the target ramped over 90% of the phase instead of 30%",
     "static_nofc": "the same channels for every image (lowest mean holdout saliency), same fraction per point",
 }
 
