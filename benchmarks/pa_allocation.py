@@ -42,7 +42,7 @@ import torch
 
 from instaprune.calibrate import CalibrationConfig, Evaluator, calibrate, recalibrate_batchnorm
 from instaprune.io import atomic_write_json, atomic_write_text
-from instaprune.masked import MaskedModel, ThresholdConfig, keep_mask, reference, saliency
+from instaprune.masked import MaskedModel, ThresholdConfig, reference, saliency
 from instaprune.pipeline import cached_batches, discover, load_model, load_split
 from instaprune.prune_aware import PruneAwareConfig, TargetController
 from instaprune.regularizer import FeatureDecayConfig
@@ -177,21 +177,11 @@ class RescaledMasks(MaskedModel):
     as inverted dropout keeps its expectation. Tests whether the per-image scale change that masks cause (a
     different one for every image, unlike static masks) is what the network fails to learn."""
 
-    def _hook(self, name: str):
-        def hook(m, args):
-            if not self.enabled:
-                return None
-            x = args[0]
-            with torch.no_grad():
-                s = saliency(x.detach())
-                keep = keep_mask(s, self.taus[name] * self.scale, self.cfg)
-                e = s.square()
-                gain = (e.sum(1) / (e * keep).sum(1).clamp_min(1e-12)).sqrt()
-            self.active[name] = keep.sum(dim=1)
-            mult = (keep.to(x.dtype) * gain[:, None].to(x.dtype)).view(keep.shape + (1,) * (x.dim() - 2))
-            return (x * mult,) + tuple(args[1:])
-
-        return hook
+    def multiplier(self, name, x, keep, s):
+        m = super().multiplier(name, x, keep, s)
+        e = s.square()
+        gain = (e.sum(1) / (e * keep).sum(1).clamp_min(1e-12)).sqrt()  # s has no gradient: a constant per image
+        return m * gain[:, None].to(x.dtype)
 
 
 @torch.no_grad()
@@ -250,7 +240,7 @@ def run_variant(args, variant: str) -> dict:
         cover = sum(p.macs for p in points if p.name in names) / points.dense_macs
         floor = 1.0 - args.target / cover
     th = ThresholdConfig(args.mode, floor)
-    if variant.startswith("shared") or variant.startswith("frozenshared"):
+    if variant.startswith("shared"):
         plan = calibrate(lm.model, points, hb, CalibrationConfig(args.target, "shared", th), selected=names)
         taus = plan.taus
     else:

@@ -126,24 +126,32 @@ class MaskedModel(nn.Module):
             if not self.enabled:
                 return None
             x = args[0]
+            s = None
             if self.forced is not None:
                 keep = self.forced[name].to(torch.bool)
             else:
                 with torch.no_grad():
-                    keep = keep_mask(saliency(x.detach()), self.taus[name] * self.scale, self.cfg)
+                    s = saliency(x.detach())
+                    keep = keep_mask(s, self.taus[name] * self.scale, self.cfg)
             self.active[name] = keep.sum(dim=1)
             if self.record_masks:
                 self.masks[name] = keep
-            shape = keep.shape + (1,) * (x.dim() - 2)
-            m = keep.to(x.dtype)
-            if self.ste > 0 and self.forced is None and torch.is_grad_enabled() and x.requires_grad:
-                s = saliency(x)
-                thr = (self.taus[name] * self.scale * reference(s.detach(), self.cfg.mode)).clamp_min(1e-12)
-                g = torch.sigmoid((s - thr) / (self.ste * thr))
-                m = m + (g - g.detach())
-            return (x * m.view(shape),) + tuple(args[1:])
+            m = self.multiplier(name, x, keep, s)
+            return (x * m.view(keep.shape + (1,) * (x.dim() - 2)),) + tuple(args[1:])
 
         return hook
+
+    def multiplier(self, name: str, x: torch.Tensor, keep: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """What the consumer's input is multiplied by, per instance and channel (N, C): the keep mask, plus the
+        straight-through gate's gradient with ``ste`` > 0. ``s``: the saliencies the mask was computed from
+        (without gradient; None for forced masks). Subclasses may change it (benchmarks' mask variants)."""
+        m = keep.to(x.dtype)
+        if self.ste > 0 and s is not None and torch.is_grad_enabled() and x.requires_grad:
+            sg = saliency(x)
+            thr = (self.taus[name] * self.scale * reference(s, self.cfg.mode)).clamp_min(1e-12)
+            g = torch.sigmoid((sg - thr) / (self.ste * thr))
+            m = m + (g - g.detach())
+        return m
 
     def set_taus(self, taus: Mapping[str, float], scale: float | None = None) -> None:
         for n, t in taus.items():
