@@ -46,7 +46,6 @@ from instaprune.engine_bench import (
     clock_for,
     dense_candidates,
     dense_models,
-    machine,
     per_call_latency,
     time_alternating,
 )
@@ -444,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     meta = run_meta("engine_latency.py", argv if argv is not None else sys.argv[1:],
                     config={k: v for k, v in vars(args).items() if k not in ("merge", "render_only")},
-                    pairs=args.pairs, clock={t: clock_for(t, args.clock) for t in threads}, **machine())
+                    pairs=args.pairs, clock={t: clock_for(t, args.clock) for t in threads},
+                    load_avg=list(os.getloadavg()))
     meta["git_commit"] = meta.pop("commit")
     meta["load_avg_at_start"] = meta.pop("load_avg")
     rows: list[dict] = []

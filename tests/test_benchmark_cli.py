@@ -21,6 +21,8 @@ def test_benchmark_writes_rows_with_every_field(tmp_path, capsys):
         assert abs(r["efficiency"] - r["measured_speedup"] / r["theoretical_speedup"]) < 1e-9
         assert abs(r["theoretical_speedup"] - 1.0) < 1e-9  # no plan: nothing is pruned, no saliency is paid
     assert d["rows"][0]["dynamic_latency_ms"]["n"] == 3
+    for key in ("instaprune", "torch", "cpu", "cores", "date", "load_avg"):  # what a timing depends on
+        assert d["machine"][key], key
     assert "efficiency" in capsys.readouterr().out
 
 

@@ -17,7 +17,9 @@ Used by ``benchmarks/engine_latency.py`` and the ``instaprune benchmark`` comman
 from __future__ import annotations
 
 import copy
+import datetime
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -47,8 +49,24 @@ def clock_for(threads: int, clock: str = "auto") -> str:
     return ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, Any]:
-    return {"torch": torch.__version__, "cores": os.cpu_count(), "load_avg": list(os.getloadavg())}
+    """What a timing depends on: versions, CPU, cores, threads, load and the UTC date of the run."""
+    from . import __version__
+
+    return {"instaprune": __version__, "torch": torch.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "load_avg": list(os.getloadavg()),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def time_alternating(fns: dict[str, Callable[[], Any]], pairs: int = 7, threads: int = 1, clock: str = "auto",
