@@ -42,8 +42,33 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: int = 
     return float(lo), float(hi)
 
 
+def per_instance(per: Any, dense_macs: float, base: Any | None) -> dict[str, float]:
+    """Row 6 of the issue in numbers: how per-image FLOPs (as a fraction of the dense model's) relate to how easy an
+    image is. "Easy" is judged by the adapted dense baseline (its confidence and correctness, ``base``), so the
+    pruned model's own errors do not define it; the pruned model's own confidence is given beside it."""
+    import torch
+
+    from instaprune.report import spearman
+
+    frac = np.asarray(per["flops"], dtype=np.float64) / (2.0 * dense_macs)
+    corr = np.asarray(per["correct"], dtype=bool)
+    out = {"flops_frac_p10": float(np.percentile(frac, 10)), "flops_frac_p50": float(np.percentile(frac, 50)),
+           "flops_frac_p90": float(np.percentile(frac, 90)),
+           "spearman_own_confidence": spearman(torch.from_numpy(frac), torch.from_numpy(
+               np.asarray(per["confidence"], dtype=np.float64))),
+           "flops_frac_correct": float(frac[corr].mean()) if corr.any() else float("nan"),
+           "flops_frac_wrong": float(frac[~corr].mean()) if (~corr).any() else float("nan")}
+    if base is not None:
+        bc = np.asarray(base["dense_correct"], dtype=bool)
+        out["spearman_baseline_confidence"] = spearman(torch.from_numpy(frac), torch.from_numpy(
+            np.asarray(base["dense_confidence"], dtype=np.float64)))
+        out["flops_frac_baseline_correct"] = float(frac[bc].mean()) if bc.any() else float("nan")
+        out["flops_frac_baseline_wrong"] = float(frac[~bc].mean()) if (~bc).any() else float("nan")
+    return out
+
+
 def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | None,
-                baseline_top1: float | None) -> list[dict[str, Any]]:
+                baseline_top1: float | None, base_per: Any | None = None) -> list[dict[str, Any]]:
     measured = []
     for t in TARGETS:
         ev = work / f"ev_{cfg}_{t}"
@@ -72,6 +97,8 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
         if per is not None and base_correct is not None and not row["interpolated"]:
             lo_, hi_ = paired_bootstrap(per["correct"], base_correct)
             row["ci95"] = [lo_, hi_]
+        if per is not None and "flops" in per.files and m.get("dense_macs"):
+            row["per_instance"] = per_instance(per, m["dense_macs"], base_per)
         rows.append(row)
     return rows
 
@@ -120,7 +147,7 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
                   for name, s_ in (("all", "all"), ("CV-selected", "cv"), ("random (same number)", "rand"))]
         specs.append(("static: L1-norm filter pruning + fine-tune (same epochs)", "static"))
         for name, tag in specs:
-            rows += method_rows(work, name, tag, base_correct, baseline)
+            rows += method_rows(work, name, tag, base_correct, baseline, base_per)
         for r in rows:
             if r["method"].startswith("method") and not r["interpolated"]:
                 r["diagnosis"] = method_diagnosis(work, method_tag, r["target"])
@@ -300,6 +327,23 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
                          f"({f(a.get('dynamic_p50_ms'), 2)}) | {f(a.get('measured_speedup'), 2)} | "
                          f"{f(b.get('dense_ms'), 1)} | {f(b.get('dynamic_ms'), 1)} | {f(b.get('measured_speedup'), 2)} "
                          f"| {f(a.get('theoretical_speedup') or b.get('theoretical_speedup'), 2)} |")
+    inst = [r for r in rows if r["method"].startswith("method") and r.get("per_instance")]
+    if inst:
+        lines += ["", "Per-instance view of the method's rows (per-image FLOPs as a fraction of the dense model's; "
+                  "\"easy\" judged by the adapted dense baseline: its confidence and whether it is right). "
+                  "A negative Spearman means confident images are pruned more, as the paper claims:", "",
+                  "| target | FLOPs frac p10 / p50 / p90 | p90/p10 | Spearman(FLOPs, baseline confidence) | "
+                  "Spearman(FLOPs, own confidence) | mean FLOPs frac: baseline right / wrong | own right / wrong |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in inst:
+            q = r["per_instance"]
+            sb = q.get("spearman_baseline_confidence")
+            lines.append(
+                f"| {r['target']:.2f} | {q['flops_frac_p10']:.3f} / {q['flops_frac_p50']:.3f} / "
+                f"{q['flops_frac_p90']:.3f} | {q['flops_frac_p90'] / q['flops_frac_p10']:.2f} | "
+                f"{'' if sb is None else f'{sb:+.3f}'} | {q['spearman_own_confidence']:+.3f} | "
+                f"{f(q.get('flops_frac_baseline_correct'), 3)} / {f(q.get('flops_frac_baseline_wrong'), 3)} | "
+                f"{q['flops_frac_correct']:.3f} / {q['flops_frac_wrong']:.3f} |")
     if PEERS.get(model):
         lines += ["", "Published figures (theirs: original CIFAR-10 test set, their baselines, not reproduced here):",
                   "", "| method | FLOPs reduction | top-1 error increase (points) |", "|---|---|---|"]

@@ -114,6 +114,12 @@ def test_resnet20_reference_accuracy(capsys, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["images"] == 10000
     assert 0.807 <= m["dense_top1"] <= 0.813
+    import numpy as np
+
+    per = np.load(tmp_path / "per_image.npz")  # dense-only: correctness and confidence per image, dataset order
+    assert per["dense_correct"].shape == per["dense_confidence"].shape == (10000,)
+    assert abs(per["dense_correct"].mean() - m["dense_top1"]) < 1e-9
+    assert ((per["dense_confidence"] >= 0.1) & (per["dense_confidence"] <= 1.0)).all()  # max softmax of 10 classes
 
 
 @pytest.fixture(scope="module")

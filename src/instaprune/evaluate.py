@@ -68,7 +68,7 @@ def evaluate(
     if baseline_top1 is not None:
         metrics["baseline_top1"] = float(baseline_top1)
     if plan is None or points is None:
-        return EvalResult(metrics, {"dense_correct": dense["correct"]})
+        return EvalResult(metrics, {"dense_correct": dense["correct"], "dense_confidence": dense["confidence"]})
     plan.check(points)
     masked = MaskedModel(model, points, plan.taus, plan.thresholds, plan.scale)
     try:

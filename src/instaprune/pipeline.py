@@ -147,8 +147,8 @@ def evaluate_and_report(lm: LoadedModel, points: PointReport, data: ImageSet, ou
 
 
 def write_per_image(path: str | Path, per_instance: dict[str, torch.Tensor]) -> Path:
-    """Per-image arrays in dataset order (``dense_correct``, and with a plan ``correct``, ``flops``,
-    ``confidence``, ``dense_confidence``) as one ``.npz``: what paired bootstrap intervals are computed from."""
+    """Per-image arrays in dataset order (``dense_correct``, ``dense_confidence``, and with a plan ``correct``,
+    ``flops``, ``confidence``) as one ``.npz``: what paired bootstrap intervals are computed from."""
     import numpy as np
 
     from .io import atomic_write
