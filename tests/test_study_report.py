@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cifar10_report import diagnosis, method_diagnosis, method_rows, paired_bootstrap  # noqa: E402
+from cifar10_report import diagnosis, method_diagnosis, method_rows, paired_bootstrap, per_instance  # noqa: E402
 from instaprune.report import write_markdown  # noqa: E402
 
 
@@ -21,6 +21,22 @@ def test_paired_bootstrap_interval():
     lo, hi = paired_bootstrap(worse, base, n=2000)
     assert lo < -0.05 < hi and hi - lo < 0.02  # paired: the interval is narrow around the true difference
     assert paired_bootstrap(worse, base, n=2000) == (lo, hi)  # seeded
+
+
+def test_per_instance_relates_flops_to_ease():
+    dense_macs = 100.0
+    flops = np.array([40.0, 60.0, 80.0, 100.0, 120.0])  # FLOPs = 2 x MACs: fractions 0.2 ... 0.6
+    per = {"flops": flops, "correct": np.array([1, 1, 0, 1, 0], bool),
+           "confidence": np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32)}
+    base = {"dense_correct": np.array([1, 1, 1, 0, 0], bool),
+            "dense_confidence": np.array([0.5, 0.6, 0.7, 0.8, 0.9], np.float32)}
+    q = per_instance(per, dense_macs, base)
+    assert np.isclose(q["flops_frac_p50"], 0.4) and np.isclose(q["flops_frac_p10"], 0.24)
+    assert np.isclose(q["spearman_own_confidence"], -1.0)  # more confident, fewer FLOPs: the paper's claim
+    assert np.isclose(q["spearman_baseline_confidence"], 1.0)
+    assert np.isclose(q["flops_frac_correct"], (0.2 + 0.3 + 0.5) / 3) and np.isclose(q["flops_frac_wrong"], 0.5)
+    assert np.isclose(q["flops_frac_baseline_correct"], 0.3) and np.isclose(q["flops_frac_baseline_wrong"], 0.55)
+    assert "spearman_baseline_confidence" not in per_instance(per, dense_macs, None)
 
 
 def test_rows_matched_and_interpolated(tmp_path):
