@@ -146,6 +146,9 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
                                                                 else f"_{ch.mode}_{s_}"))
                   for name, s_ in (("all", "all"), ("CV-selected", "cv"), ("random (same number)", "rand"))]
         specs.append(("static: L1-norm filter pruning + fine-tune (same epochs)", "static"))
+        if ch.mode != "max":
+            specs.append(("method variant: relative-max thresholds (library default)"
+                          + (" + prune-aware" if ch.prune_aware else ""), f"{pa}{ch.cfg}"))
         for name, tag in specs:
             rows += method_rows(work, name, tag, base_correct, baseline, base_per)
         for r in rows:
