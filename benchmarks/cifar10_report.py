@@ -153,7 +153,7 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
             rows += method_rows(work, name, tag, base_correct, baseline, base_per)
         for r in rows:
             if r["method"].startswith("method") and not r["interpolated"]:
-                r["diagnosis"] = method_diagnosis(work, method_tag, r["target"])
+                r["diagnosis"] = method_diagnosis(work, r["setting"], r["target"])
         meth = {r["target"]: r for r in rows if r.get("setting") == method_tag and not r["interpolated"]}
         for r in rows:  # method vs each ablation / static row at equal target (paired, where both are measured)
             if r.get("setting") not in (None, method_tag) and r["target"] in meth and not r["interpolated"]:
@@ -264,7 +264,7 @@ def method_diagnosis(work: Path, tag: str, t: float) -> dict[str, Any] | None:
         return None if not sel else (sum(p["share"] * p["keep"] for p in sel) / w if w > 0 else
                                      sum(p["keep"] for p in sel) / len(sel))
 
-    return {"target": t, "train_top1": [e.get("train_top1") for e in epochs],
+    return {"setting": tag, "target": t, "train_top1": [e.get("train_top1") for e in epochs],
             "train_flops_reduction": [e.get("train_flops_reduction") for e in epochs],
             "dense_top1": m["dense_top1"], "top1": m["top1"], "flops_reduction": m["flops_reduction"],
             "keep_residual": keep(lambda n: n.endswith(".conv1")),
@@ -281,11 +281,13 @@ def diagnosis(rows: list[dict]) -> list[str]:
     f = (lambda v, nd=3: "" if v is None else f"{v:.{nd}f}")  # noqa: E731
     out = ["", "Why the method's rows land where they do (test split; keep ratios weighted by MACs share; "
            "residual stream = conv1 inputs, block-internal = conv2 inputs):", "",
-           "| target | prune-aware train top-1 per epoch (masks on) | dense top-1 of the final weights | masked top-1 "
+           "| setting | target | prune-aware train top-1 per epoch (masks on) | dense top-1 of the final weights "
+           "| masked top-1 "
            "| keep: residual stream | keep: block-internal | keep: classifier | MACs share of block-internal inputs |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
     for d in ds:
-        out.append(f"| {d['target']:.2f} | {' / '.join(f(v) for v in d['train_top1'])} | {f(d['dense_top1'], 4)} | "
+        out.append(f"| {d.get('setting', '')} | {d['target']:.2f} | {' / '.join(f(v) for v in d['train_top1'])} | "
+                   f"{f(d['dense_top1'], 4)} | "
                    f"{f(d['top1'], 4)} | {f(d['keep_residual'])} | {f(d['keep_internal'])} | "
                    f"{f(d['keep_classifier'])} | {f(d['internal_share'])} |")
     out += ["", "Reading: dynamic pruning saves MACs only in the consumer of a pruned input, so a reduction above the "
@@ -335,14 +337,14 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
         lines += ["", "Per-instance view of the method's rows (per-image FLOPs as a fraction of the dense model's; "
                   "\"easy\" judged by the adapted dense baseline: its confidence and whether it is right). "
                   "A negative Spearman means confident images are pruned more, as the paper claims:", "",
-                  "| target | FLOPs frac p10 / p50 / p90 | p90/p10 | Spearman(FLOPs, baseline confidence) | "
+                  "| setting | target | FLOPs frac p10 / p50 / p90 | p90/p10 | Spearman(FLOPs, baseline confidence) | "
                   "Spearman(FLOPs, own confidence) | mean FLOPs frac: baseline right / wrong | own right / wrong |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for r in inst:
             q = r["per_instance"]
             sb = q.get("spearman_baseline_confidence")
             lines.append(
-                f"| {r['target']:.2f} | {q['flops_frac_p10']:.3f} / {q['flops_frac_p50']:.3f} / "
+                f"| {r['setting']} | {r['target']:.2f} | {q['flops_frac_p10']:.3f} / {q['flops_frac_p50']:.3f} / "
                 f"{q['flops_frac_p90']:.3f} | {q['flops_frac_p90'] / q['flops_frac_p10']:.2f} | "
                 f"{'' if sb is None else f'{sb:+.3f}'} | {q['spearman_own_confidence']:+.3f} | "
                 f"{f(q.get('flops_frac_baseline_correct'), 3)} / {f(q.get('flops_frac_baseline_wrong'), 3)} | "
