@@ -408,3 +408,36 @@ def _cpu(s) -> float | None:
     return None if v is None else float(v)
 
 
+
+
+def goals_summary(results: Path) -> list[str]:
+    """Markdown: the issue's goals checked against the rows of ``results/cifar10_<model>.json`` (computed, not
+    hand-written): the method within 0.3 points of the baseline at >= 60% (ResNet-56), the method beating the
+    static baseline by >= 1 point at 60%, and latency measured on every method row."""
+    out = ["## Goals against the measured rows", "",
+           "| model | goal | measured | met |", "|---|---|---|---|"]
+    for model in ("resnet20", "resnet56"):
+        path = results / f"cifar10_{model}.json"
+        if not path.is_file():
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        meth = [r for r in rows if r["method"].startswith("method:") and not r["interpolated"]]
+        far = [r for r in meth if r["flops_reduction"] >= 0.6 - MATCH]
+        if far:
+            best = max(far, key=lambda r: r["top1"])
+            d = 100 * (best["top1"] - best["baseline_top1"])
+            out.append(f"| {model} | method within 0.3 points of baseline at >= 60% FLOPs reduction | "
+                       f"{d:+.2f} points at {best['flops_reduction']:.3f} (best method row at >= 60%) | "
+                       f"{'yes' if d >= -0.3 else 'no'} |")
+        st = [r for r in rows if r["method"].startswith("static") and r["target"] == 0.6
+              and r.get("method_minus_row") is not None]
+        for r in st:
+            lo, hi = r["method_minus_row_ci95"]
+            out.append(f"| {model} | method beats static by >= 1 point at 60% | "
+                       f"{100 * r['method_minus_row']:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                       f"{'yes' if r['method_minus_row'] >= 0.01 else 'no'} |")
+        if meth:
+            n = sum(1 for r in meth if "latency_b1_t1" in r and "latency_b32_t1" in r)
+            out.append(f"| {model} | batch-1 and batch-32 latency on every method row | {n} of {len(meth)} rows | "
+                       f"{'yes' if n == len(meth) else 'no'} |")
+    return out + [""] if len(out) > 4 else []

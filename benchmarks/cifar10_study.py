@@ -469,6 +469,9 @@ def write_results_md(results: Path = ROOT / "results") -> Path:
              f"uses prune-aware) | {LR} (then {PA_LR}) | 0 |", "",
              "Decay grid (penalty, lambda, weights): "
              + ", ".join(f"{k} = {v}" for k, v in GRID.items()) + ".", ""]
+    from cifar10_report import goals_summary  # benchmarks/cifar10_report.py
+
+    lines += goals_summary(results)
     for model in sorted(CHECKPOINTS):
         md = results / f"cifar10_{model}.md"
         if md.is_file():

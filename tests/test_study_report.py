@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cifar10_report import diagnosis, method_diagnosis, method_rows, paired_bootstrap, per_instance  # noqa: E402
+from cifar10_report import (  # noqa: E402
+    diagnosis,
+    goals_summary,
+    method_diagnosis,
+    method_rows,
+    paired_bootstrap,
+    per_instance,
+)
 from instaprune.report import write_markdown  # noqa: E402
 
 
@@ -185,3 +192,22 @@ def test_method_diagnosis_reads_the_evaluation_report(tmp_path):
     assert d["keep_classifier"] == 0.3 and d["internal_share"] == 0.625
     md = "\n".join(diagnosis([{"diagnosis": d}, {"diagnosis": None}]))
     assert "| 0.60 | 0.700 / 0.450 | 0.4700 | 0.4600 | 0.700 | 0.320 | 0.300 | 0.625 |" in md
+
+
+def test_goals_summary_judges_rows(tmp_path):
+    meth = {"method": "method: decay", "interpolated": False, "baseline_top1": 0.90}
+    rows = [{**meth, "target": 0.3, "flops_reduction": 0.30, "top1": 0.899},
+            {**meth, "target": 0.6, "flops_reduction": 0.59, "top1": 0.898,  # matched (within 1.5 points)
+             "latency_b1_t1": {}, "latency_b32_t1": {}},
+            {"method": "method variant: other", "interpolated": False, "baseline_top1": 0.90, "target": 0.6,
+             "flops_reduction": 0.6, "top1": 0.95},  # variants are not the method: ignored
+            {"method": "static: L1", "target": 0.6, "interpolated": False, "flops_reduction": 0.6, "top1": 0.885,
+             "method_minus_row": 0.013, "method_minus_row_ci95": [0.004, 0.022]}]
+    (tmp_path / "cifar10_resnet56.json").write_text(json.dumps({"rows": rows}))
+    md = "\n".join(goals_summary(tmp_path))
+    assert ("| resnet56 | method within 0.3 points of baseline at >= 60% FLOPs reduction | -0.20 points at 0.590 "
+            "(best method row at >= 60%) | yes |") in md
+    assert "+1.30 points [+0.40, +2.20] | yes |" in md
+    assert "1 of 2 rows | no |" in md
+    assert "resnet20" not in md
+    assert goals_summary(tmp_path / "missing") == []
