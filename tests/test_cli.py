@@ -106,6 +106,30 @@ def test_train_analyze_calibrate_evaluate_on_folder(capsys, tmp_path, tiny_folde
     assert_clean_error(code, err, "target")
 
 
+def test_prune_aware_recalibrates_on_the_points_it_trained(capsys, tmp_path, tiny_folder):
+    """A CV top-k selection is made once, before the prune-aware phase: the final recalibration keeps those points
+    (selecting anew on the trained weights would mask points the network never learnt to lose)."""
+    out_dir = tmp_path / "pa"
+    code, out, err = run(["train", "--model", "tiny_resnet", "--data-path", tiny_folder, "--holdout", 12,
+                          "--epochs", 0, "-b", 8, "--lr", 0.05, "--prune-aware-epochs", 1, "--target", 0.3,
+                          "--select", "topk:2", "--search", "shared", "--output-dir", out_dir], capsys)
+    assert code == 0, err
+    start = json.loads((out_dir / "prune_aware" / "start_plan.json").read_text())
+    final = json.loads((out_dir / "plan.json").read_text())
+    assert final["selected"] == start["selected"] and len(start["selected"]) < len(start["points"])
+    # 'plan:<path>' reuses another plan's points on other weights
+    code, out, err = run(["calibrate", "--model", "tiny_resnet", "--checkpoint", out_dir / "model.pt", "--data-path",
+                          tiny_folder, "--holdout", 12, "--target", 0.3, "--search", "shared", "--select",
+                          f"plan:{out_dir / 'prune_aware' / 'start_plan.json'}", "--output-dir", tmp_path / "c"],
+                         capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "plan.json").read_text())["selected"] == start["selected"]
+    code, out, err = run(["calibrate", "--model", "tiny_resnet", "--checkpoint", out_dir / "model.pt", "--data-path",
+                          tiny_folder, "--holdout", 12, "--select", f"plan:{tmp_path / 'none.json'}",
+                          "--output-dir", tmp_path / "c2"], capsys)
+    assert_clean_error(code, err, "plan")
+
+
 def test_resnet20_reference_accuracy(capsys, tmp_path):
     require_shared()
     code, out, err = run(["evaluate", "--model", "resnet20", "--checkpoint", RESNET20, "--data-path", CIFAR_TEST,

@@ -54,7 +54,8 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("max", "mean", "one"), default="max",
                    help="threshold reference: s > tau*max_c(s), s > tau*mean_c(s) or s > tau (absolute)")
     p.add_argument("--min-keep", type=float, default=0.05, help="fraction of channels always kept per point")
-    p.add_argument("--select", default="all", help="prune points: 'all', 'kappa:<CV threshold>' or 'topk:<k>'")
+    p.add_argument("--select", default="all", help="prune points: 'all', 'kappa:<CV threshold>', 'topk:<k>' or "
+                   "'plan:<plan.json>' (the points that plan selected)")
     p.add_argument("--search-images", type=int, default=1024, help="images per greedy search step")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed |achieved - target| on calibration")
     p.add_argument("--bn-recal", action="store_true", help="after the search, re-estimate BatchNorm running "

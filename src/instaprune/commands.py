@@ -149,6 +149,8 @@ def _cmd_train(args: argparse.Namespace, env) -> int:
         # with the controller the scale follows the target anyway, so the starting thresholds only need their
         # per-point shape: the fast shared-tau bisection (the final recalibration below uses --search)
         plan, _ = calibrate_plan(lm, points, val, replace(ccfg, search="shared") if control else ccfg, args.select)
+        if env.is_main:
+            plan.save(out / "prune_aware" / "start_plan.json")  # the points and thresholds the phase starts from
         masked = MaskedModel(lm.model, points, plan.taus, plan.thresholds)
         ctl = TargetController(masked, PruneAwareConfig(args.target, args.prune_aware_ramp)) if control else None
         pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.prune_aware_lr or args.lr * 0.1,
@@ -156,7 +158,9 @@ def _cmd_train(args: argparse.Namespace, env) -> int:
         res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, args.resume, masked=masked,
                      controller=ctl)
         masked.remove()
-        plan, _ = calibrate_plan(lm, points, val, ccfg, args.select)
+        # recalibrate the thresholds for the trained weights on the points the phase trained with: selecting
+        # anew (CV top-k on the new weights) would mask points the network never learnt to lose
+        plan, _ = calibrate_plan(lm, points, val, ccfg, plan.selected)
         if env.is_main:
             plan.save(out / "plan.json")
         metrics["prune_aware_history"] = res2.history

@@ -95,18 +95,31 @@ def parse_selection(spec: str) -> dict[str, Any]:
             return {"top_k": int(val)}
     except ValueError:
         pass
-    raise ConfigError(f"point selection must be 'all', 'kappa:<float>' or 'topk:<int>', got {spec!r}")
+    raise ConfigError(f"point selection must be 'all', 'kappa:<float>', 'topk:<int>' or 'plan:<path>', got {spec!r}")
 
 
-def analyze_and_select(model: nn.Module, points: PointReport, batches, selection: str = "all",
+def analyze_and_select(model: nn.Module, points: PointReport, batches, selection: str | Sequence[str] = "all",
                        target: float | None = None, min_keep: float = 0.05) -> tuple[SaliencyStats, list[str]]:
+    """Streaming statistics and the selected points. ``selection`` is a spec (``all``, ``kappa:x``, ``topk:k``,
+    ``plan:PATH`` = the points an existing plan selected) or an explicit list of point names, kept as given."""
     stats = analyze(model, batches, points)
+    if isinstance(selection, str) and selection.strip().startswith("plan:"):
+        from .plan import Plan
+
+        selection = Plan.load(selection.strip()[5:]).selected
+    if not isinstance(selection, str):
+        names = {p.name for p in points}
+        missing = [n for n in selection if n not in names]
+        if missing:
+            raise ConfigError(f"selected points not among this model's prune points: {', '.join(missing[:5])}"
+                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        return stats, list(selection)
     chosen = select_points(stats, points, target=target, min_keep=min_keep, **parse_selection(selection))
     return stats, chosen
 
 
 def calibrate_plan(lm: LoadedModel, points: PointReport, calib: ImageSet, cfg: CalibrationConfig,
-                   selection: str = "all", batch_size: int = 256) -> tuple[Plan, SaliencyStats]:
+                   selection: str | Sequence[str] = "all", batch_size: int = 256) -> tuple[Plan, SaliencyStats]:
     batches = cached_batches(calib, lm.pre, batch_size)
     stats, chosen = analyze_and_select(lm.model, points, batches, selection, cfg.target, cfg.thresholds.min_keep)
     cv = {p.name: stats.cv(p.name) for p in points}
