@@ -408,8 +408,6 @@ def _cpu(s) -> float | None:
     return None if v is None else float(v)
 
 
-
-
 def goals_summary(results: Path) -> list[str]:
     """Markdown: the issue's goals checked against the rows of ``results/cifar10_<model>.json`` (computed, not
     hand-written): the method within 0.3 points of the baseline at >= 60% (ResNet-56), the method beating the

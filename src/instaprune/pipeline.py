@@ -102,8 +102,7 @@ def analyze_and_select(model: nn.Module, points: PointReport, batches, selection
                        target: float | None = None, min_keep: float = 0.05) -> tuple[SaliencyStats, list[str]]:
     """Streaming statistics and the selected points. ``selection`` is a spec (``all``, ``kappa:x``, ``topk:k``,
     ``plan:PATH`` = the points an existing plan selected) or an explicit list of point names, kept as given."""
-    stats = analyze(model, batches, points)
-    if isinstance(selection, str) and selection.strip().startswith("plan:"):
+    if isinstance(selection, str) and selection.strip().startswith("plan:"):  # resolved before the pass
         from .plan import Plan
 
         selection = Plan.load(selection.strip()[5:]).selected
@@ -113,9 +112,10 @@ def analyze_and_select(model: nn.Module, points: PointReport, batches, selection
         if missing:
             raise ConfigError(f"selected points not among this model's prune points: {', '.join(missing[:5])}"
                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-        return stats, list(selection)
-    chosen = select_points(stats, points, target=target, min_keep=min_keep, **parse_selection(selection))
-    return stats, chosen
+        return analyze(model, batches, points), list(selection)
+    kwargs = parse_selection(selection)
+    stats = analyze(model, batches, points)
+    return stats, select_points(stats, points, target=target, min_keep=min_keep, **kwargs)
 
 
 def calibrate_plan(lm: LoadedModel, points: PointReport, calib: ImageSet, cfg: CalibrationConfig,
