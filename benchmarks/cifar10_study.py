@@ -36,7 +36,9 @@ Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them
 5. At each target 0.3/0.45/0.6/0.7, in priority order: the method (prune-aware stage or calibration) and its test
    evaluation, ``ev_static_<t>`` (L1-norm filter pruning to the same MACs, fine-tuned with fixed masks for the
    same epochs and schedule as the method's fine-tune + prune-aware phase), the no-decay control through the same
-   pipeline, and the point-selection ablation (all / CV / random) through the same pipeline.
+   pipeline, and the point-selection ablation (all / CV / random) through the same pipeline. Where the chosen
+   mode is not relative-max, ``pa_<C>_0.6`` with relative-max thresholds (the library default) is a variant row
+   (on ResNet-56 it runs after the method's rows).
 6. ``lat_<method>_<t>``: ``instaprune benchmark`` of each method row (the fast engine against the fastest dense
    model, batch 1 over 200 test images and batch 32, one thread); only with ``run --latency``, which runs them
    one at a time and should have the machine to itself.
@@ -308,6 +310,10 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
                                 str(s.out / "plan.json"), "--data-path", test_data, "--batches", "1,32",
                                 "--threads", "1", "--max-images", "200"],
                          w / name, "benchmark.json", [e.name], quiet=True)])
+    if model != "resnet20" and ch.prune_aware and ch.mode != "max":
+        # the library default (relative-max thresholds) at the choice target, as on ResNet-20
+        src = pa(cfg, "max", "all", CHOICE_TARGET)
+        add([src, ev(src, str(src.out / "model.pt"))])
     for t in order:
         add([Stage(f"ev_static_{t}", ["static-stage", "--model", model, "--checkpoint", adapted, "--train-data",
                                       train_data, "--test-data", test_data, "--holdout", str(holdout), "--target",
