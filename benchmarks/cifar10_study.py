@@ -55,7 +55,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,64 +399,6 @@ def cost_of(s: Stage) -> float | None:
     return None
 
 
-def static_stage(a: argparse.Namespace) -> int:
-    """L1-norm filter pruning of the adapted model to ``--target`` MACs reduction, fine-tuned with fixed masks
-    (``--epochs`` at lr 0.02 cosine, then ``--pa-epochs`` at 0.002: the method's schedule), evaluated on test."""
-    import numpy as np
-    import torch
-
-    from instaprune.checkpoint import save_checkpoint
-    from instaprune.data import iterate_batches
-    from instaprune.io import atomic_write, atomic_write_json
-    from instaprune.pipeline import discover, load_model, load_split
-    from instaprune.regularizer import FeatureDecayConfig
-    from instaprune.static import apply_masks, find_pairs, static_plan
-    from instaprune.train import TrainConfig, evaluate_top1, train
-
-    t0 = time.perf_counter()
-    out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(a.model, a.checkpoint)
-    train_set = load_split(a.train_data, lm.pre, a.holdout, "train")
-    val = load_split(a.train_data, lm.pre, a.holdout, "holdout")
-    test = load_split(a.test_data, lm.pre)
-    points = discover(lm.model, lm.pre)
-    x = torch.zeros(1, 3, lm.pre.input_size or 32, lm.pre.input_size or 32)
-    plan_file = out / "static_plan.json"
-    if plan_file.is_file():  # resumed: the masks come from the original (pre-fine-tune) weights
-        from instaprune.static import StaticPlan
-
-        plan = StaticPlan.from_dict(json.loads(plan_file.read_text()), find_pairs(lm.model, x)[0])
-    else:
-        plan = static_plan(lm.model, x, a.target, scope=a.scope)
-        atomic_write_json(plan_file, plan.to_dict())
-    handles = apply_masks(lm.model, plan)
-    base = TrainConfig(epochs=a.epochs, batch_size=128, lr=LR, weight_decay=1e-4, checkpoint_every=100,
-                       decay=FeatureDecayConfig(0.0))
-    history = []
-    for i, cfg in enumerate([base] + ([replace(base, epochs=a.pa_epochs, lr=PA_LR)] if a.pa_epochs else [])):
-        res = train(lm.model, train_set, cfg, points, lm.pre, out / f"phase{i + 1}", val, resume="auto")
-        history += res.history
-    lm.model.eval()
-    correct = []
-    with torch.no_grad():
-        for xb, yb, _ in iterate_batches(test, 256, lm.pre.mean, lm.pre.std):
-            correct.append(lm.model(xb).argmax(1) == yb)
-    corr = torch.cat(correct).numpy()
-    val_top1 = evaluate_top1(lm.model, val, lm.pre)
-    for h in handles:
-        h.remove()
-    save_checkpoint(out / "model.pt", lm.model, {"model_name": a.model, "preprocessing": lm.pre.to_dict()})
-    atomic_write(out / "per_image.npz", lambda f: np.savez_compressed(f, correct=corr))
-    top1 = float(corr.mean())
-    atomic_write_json(out / "metrics.json", {
-        "method": "static L1-norm filter pruning (Li et al. 2017), block-internal channels", "scope": a.scope,
-        "target": a.target, "flops_reduction": plan.reduction, "macs": plan.macs, "dense_macs": plan.dense_macs,
-        "top1": top1, "dense_top1": top1, "val_top1": val_top1, "epochs": a.epochs, "pa_epochs": a.pa_epochs,
-        "history": history, "seconds": time.perf_counter() - t0})
-    return 0
-
-
 def write_results_md(results: Path = ROOT / "results") -> Path:
     """RESULTS.md: the schedule (epochs per run) and every model's tables from ``results/cifar10_<model>.md``."""
     from instaprune.io import atomic_write_text
@@ -528,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.targets:
         TARGETS = tuple(float(t) for t in a.targets.split(","))
     if a.action == "static-stage":
+        from cifar10_static import static_stage  # benchmarks/cifar10_static.py
+
         a.epochs = int(a.epochs)
-        return static_stage(a)
+        return static_stage(a, LR, PA_LR)
     inputs = ((a.train_data, "training split"), (a.test_data, "test split"), (CHECKPOINTS[a.model], "checkpoint"))
     for p, what in inputs:
         if not Path(p).exists():
