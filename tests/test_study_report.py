@@ -200,7 +200,8 @@ def test_goals_summary_judges_rows(tmp_path):
             {**meth, "target": 0.6, "flops_reduction": 0.59, "top1": 0.898,  # matched (within 1.5 points)
              "latency_b1_t1": {}, "latency_b32_t1": {}},
             {"method": "method variant: other", "interpolated": False, "baseline_top1": 0.90, "target": 0.6,
-             "flops_reduction": 0.6, "top1": 0.95},  # variants are not the method: ignored
+             "flops_reduction": 0.6, "top1": 0.95, "minus_static": 0.065,  # variants are not the method:
+             "minus_static_ci95": [0.05, 0.08]},  # shown, not judged
             {"method": "static: L1", "target": 0.6, "interpolated": False, "flops_reduction": 0.6, "top1": 0.885,
              "method_minus_row": 0.013, "method_minus_row_ci95": [0.004, 0.022]}]
     (tmp_path / "cifar10_resnet56.json").write_text(json.dumps({"rows": rows}))
@@ -209,5 +210,8 @@ def test_goals_summary_judges_rows(tmp_path):
             "(best method row at >= 60%) | yes |") in md
     assert "+1.30 points [+0.40, +2.20] | yes |" in md
     assert "1 of 2 rows | no |" in md
+    assert ("| resnet56 | (not judged) other at 60% | +5.00 points vs baseline at 0.600; +6.50 [+5.00, +8.00] vs "
+            "static | - |") in md
+    assert md.count("| yes |") == 2  # the variant's better numbers do not pass a goal
     assert "resnet20" not in md
     assert goals_summary(tmp_path / "missing") == []
