@@ -344,10 +344,26 @@ def _busy(out: Path, dirs: set[str] | None = None) -> bool:
     return str(out) in (_busy_dirs() if dirs is None else dirs)
 
 
-def run_stage(s: Stage, threads: int, dry: bool) -> float:
+COST_POLL_S = 60.0
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, with waited-for children) of a live process, from /proc; 0 if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def stage_command(s: Stage) -> list[str]:
     base = ([sys.executable, str(Path(__file__).resolve().relative_to(ROOT))] if s.script
             else [sys.executable, "-m", "instaprune"])
-    cmd = [*base, *(s.args or []), "--output-dir", str(s.out)]
+    return [*base, *(s.args or []), "--output-dir", str(s.out)]
+
+
+def run_stage(s: Stage, threads: int, dry: bool) -> float:
+    cmd = stage_command(s)
     print(time.strftime("%H:%M:%S ") + ("DRY " if dry else "") + " ".join(cmd[1:]), flush=True)
     if dry:
         return 0.0
@@ -356,19 +372,28 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     cost = s.out / "cost.json"
     old = json.loads(cost.read_text()) if cost.is_file() else {}
     prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
+    from instaprune.io import atomic_write_json
+
+    def record(seconds: float, cpu: float, **extra: object) -> dict:
+        # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
+        rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
+               "cpu_seconds_last_attempt": cpu, **extra}
+        atomic_write_json(cost, rec)
+        return rec
+
     t0 = time.perf_counter()
     with open(s.log, "a") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own CPU time, also when lanes run side by side
+        while True:  # poll, so that an attempt killed with the session still leaves its cost (to the last minute)
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)  # this child's own CPU time, also beside other lanes
+            if pid:
+                break
+            record(time.perf_counter() - t0, _proc_cpu(p.pid), in_progress=True)
+            time.sleep(COST_POLL_S)
         p.returncode = os.waitstatus_to_exitcode(status)
     seconds, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
     r = p
-    from instaprune.io import atomic_write_json
-
-    # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
-    rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
-           "cpu_seconds_last_attempt": cpu}
-    atomic_write_json(cost, rec)
+    rec = record(seconds, cpu)
     if r.returncode != 0:  # recorded; the runner goes on with stages that do not depend on it (retried next run)
         atomic_write_json(s.out / "failed.json", {**rec, "exit": r.returncode, "log": str(s.log)})
         print(f"stage {s.name} failed (exit {r.returncode}); see {s.log}", flush=True)

@@ -215,3 +215,30 @@ def test_goals_summary_judges_rows(tmp_path):
     assert md.count("| yes |") == 2  # the variant's better numbers do not pass a goal
     assert "resnet20" not in md
     assert goals_summary(tmp_path / "missing") == []
+
+
+def test_stage_cost_survives_a_killed_attempt_and_accumulates(tmp_path, monkeypatch):
+    """The runner records a running stage's cost while it runs, so a session's end loses at most one poll."""
+    import threading
+    import time
+
+    import cifar10_study as st
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    monkeypatch.setattr(st, "stage_command", lambda s: [sys.executable, "-c", burn, "--output-dir", str(s.out)])
+    monkeypatch.setattr(st, "COST_POLL_S", 0.05)
+    s = st.Stage("x", [], tmp_path / "x", "metrics.json")
+    seen = []
+    t = threading.Thread(target=st.run_stage, args=(s, 1, False))
+    t.start()
+    while t.is_alive():
+        if (s.out / "cost.json").is_file():
+            seen.append(json.loads((s.out / "cost.json").read_text()))
+        time.sleep(0.02)
+    t.join()
+    assert any(r.get("in_progress") for r in seen)  # provisional records while it ran
+    first = json.loads((s.out / "cost.json").read_text())
+    assert "in_progress" not in first and first["cpu_seconds"] >= 0.5 and (s.out / "done.json").is_file()
+    st.run_stage(s, 1, False)  # a second attempt adds to the first
+    second = json.loads((s.out / "cost.json").read_text())
+    assert second["cpu_seconds"] >= first["cpu_seconds"] + 0.5 and second["seconds"] > first["seconds"]
