@@ -1,11 +1,12 @@
 """CIFAR-10 study (issue 4): the method against its ablations and a static baseline at equal FLOPs.
 
 Every stage is one ``instaprune`` CLI call (or, for the static baseline, ``cifar10_study.py static-stage``) with
-its own output directory ``<work>/<model>/<stage>``. On success the runner writes ``done.json`` atomically in it
-(wall seconds, threads, command); a stage also counts as done when its result file exists (``metrics.json`` of a
-training/evaluation, ``plan.json`` of a calibration), so stages run by hand in the same directories are picked
-up. Re-running skips done stages; an interrupted training resumes from its step checkpoint (``--resume auto``,
-``--checkpoint-every``). A stage whose output directory another live process is writing is skipped (busy).
+its own output directory ``<work>/<model>/<stage>``. On success the runner (``study_runner.py``) writes
+``done.json`` in it (wall seconds, threads, command); a stage also counts as done when its result file exists
+(``metrics.json`` of a training/evaluation, ``plan.json`` of a calibration), so stages run by hand in the same
+directories are picked up. Re-running skips done stages; an interrupted training resumes from its step checkpoint
+(``--resume auto``, ``--checkpoint-every``). A stage whose output directory another live process is writing is
+skipped (busy).
 Nothing is chosen on the test split: the 5,000-image holdout of the training split is the calibration and
 validation split for every choice (see :func:`choose`). Stage directories live in ``results/study`` and are
 committed (model.pt, plans, metrics, logs; not the step checkpoints), so the study resumes on a fresh clone:
@@ -47,18 +48,16 @@ Stages, in dependency order (ResNet-20 makes every choice; ResNet-56 reuses them
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import random
-import subprocess
 import sys
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_runner import ROOT, Stage, _busy, _busy_dirs, cost_of, run_lanes, run_stage  # noqa: E402,F401
+
 TARGETS = (0.3, 0.45, 0.6, 0.7)
 CHOICE_TARGET = 0.6
 #: decay fine-tune grid: name -> (penalty, lambda, weights); "control" is the no-decay ablation. Measured on the
@@ -88,24 +87,6 @@ PA_LR = 0.02
 #: (holdout top-1 at 60%: 0.445 vs 0.421 greedy, 0.410 vs 0.359, 0.490 vs 0.460, 0.560 vs 0.477), and the greedy
 #: search took about 30 of each stage's 57 minutes; so the study runs the shared search alone
 SEARCH = "shared"
-
-
-@dataclass
-class Stage:
-    name: str
-    args: list[str] | None  # None: not buildable yet (waits for a dependency's output)
-    out: Path
-    done_file: str
-    deps: list[str] = field(default_factory=list)
-    script: bool = False  # run as ``cifar10_study.py`` instead of ``instaprune``
-    quiet: bool = False  # a timing stage: runs only with ``run --latency`` (alone, on an otherwise idle machine)
-
-    @property
-    def log(self) -> Path:
-        return self.out.parent / f"{self.out.name}.log"
-
-    def done(self) -> bool:
-        return (self.out / "done.json").is_file() or (self.out / self.done_file).is_file()
 
 
 @dataclass
@@ -325,105 +306,6 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     return out
 
 
-def _busy_dirs() -> set[str]:
-    """The ``--output-dir`` values on the command lines of live processes other than this one (one /proc scan)."""
-    dirs: set[str] = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            dirs.update(argv[i + 1].decode(errors="replace") for i, a in enumerate(argv[:-1])
-                        if a == b"--output-dir")
-    return dirs
-
-
-def _busy(out: Path, dirs: set[str] | None = None) -> bool:
-    """Another live process has ``--output-dir <out>`` on its command line."""
-    return str(out) in (_busy_dirs() if dirs is None else dirs)
-
-
-COST_POLL_S = 60.0
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, with waited-for children) of a live process, from /proc; 0 if unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-
-
-def stage_command(s: Stage) -> list[str]:
-    base = ([sys.executable, str(Path(__file__).resolve().relative_to(ROOT))] if s.script
-            else [sys.executable, "-m", "instaprune"])
-    return [*base, *(s.args or []), "--output-dir", str(s.out)]
-
-
-def run_stage(s: Stage, threads: int, dry: bool) -> float:
-    cmd = stage_command(s)
-    print(time.strftime("%H:%M:%S ") + ("DRY " if dry else "") + " ".join(cmd[1:]), flush=True)
-    if dry:
-        return 0.0
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    s.out.mkdir(parents=True, exist_ok=True)
-    cost = s.out / "cost.json"
-    old = json.loads(cost.read_text()) if cost.is_file() else {}
-    prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
-    from instaprune.io import atomic_write_json
-
-    def record(seconds: float, cpu: float, **extra: object) -> dict:
-        # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
-        rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
-               "cpu_seconds_last_attempt": cpu, **extra}
-        atomic_write_json(cost, rec)
-        return rec
-
-    t0 = time.perf_counter()
-    with open(s.log, "a") as log:
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        while True:  # poll, so that an attempt killed with the session still leaves its cost (to the last minute)
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)  # this child's own CPU time, also beside other lanes
-            if pid:
-                break
-            record(time.perf_counter() - t0, _proc_cpu(p.pid), in_progress=True)
-            time.sleep(COST_POLL_S)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    seconds, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
-    r = p
-    rec = record(seconds, cpu)
-    if r.returncode != 0:  # recorded; the runner goes on with stages that do not depend on it (retried next run)
-        atomic_write_json(s.out / "failed.json", {**rec, "exit": r.returncode, "log": str(s.log)})
-        print(f"stage {s.name} failed (exit {r.returncode}); see {s.log}", flush=True)
-        return seconds
-    (s.out / "failed.json").unlink(missing_ok=True)
-    for ck in (s.out / "checkpoint.pt", *s.out.glob("*/checkpoint.pt")):  # step checkpoints: only for resuming
-        ck.unlink(missing_ok=True)
-    atomic_write_json(s.out / "done.json", {**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    return seconds
-
-
-def cost_of(s: Stage) -> float | None:
-    """Wall seconds of a stage: the runner's record, else ``/usr/bin/time`` output beside it, else training's."""
-    if (s.out / "cost.json").is_file():
-        return float(json.loads((s.out / "cost.json").read_text())["seconds"])
-    tf = s.out.parent / f"{s.out.name}.time"  # /usr/bin/time -o of stages run by hand
-    if tf.is_file() and tf.read_text().strip():
-        try:
-            return float(tf.read_text().split()[0])
-        except ValueError:
-            pass
-    if (s.out / "metrics.json").is_file():  # a training's own record: its phases and its final calibration
-        m = json.loads((s.out / "metrics.json").read_text())
-        if m.get("seconds") is None:
-            return None
-        phases = [h.get("seconds") or 0.0 for h in m.get("prune_aware_history") or []]
-        return float(m["seconds"]) + sum(phases) + float((m.get("calibration") or {}).get("seconds") or 0.0)
-    return None
-
-
 def write_results_md(results: Path = ROOT / "results") -> Path:
     """RESULTS.md: the schedule (epochs per run) and every model's tables from ``results/cifar10_<model>.md``."""
     from instaprune.io import atomic_write_text
@@ -528,39 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         write_report(a.model, work, plan, ch, Path(a.results_dir))
         write_results_md(Path(a.results_dir))
         return 0
-    (work / a.model).mkdir(parents=True, exist_ok=True)
-    lock = open(work / a.model / ".runner.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"cifar10_study: another runner holds {work / a.model / '.runner.lock'}", file=sys.stderr)
+    if not run_lanes(build, work / a.model, a.lanes, a.threads, a.only, a.latency, a.dry_run):
         return 2
-    ran: set[str] = set()
-    running: dict[Future, str] = {}
-    if a.latency:
-        a.lanes = 1  # timing stages run one at a time
-    with ThreadPoolExecutor(max_workers=a.lanes) as pool:
-        while True:  # the plan grows as choices are made on the holdout; up to --lanes stages at once
-            ch, plan = build()
-            by_name = {s.name: s for s in plan}
-            busy = _busy_dirs()
-            ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(a.only)
-                     and s.quiet == a.latency and s.name not in ran
-                     and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out, busy)]
-            # stages of this model that other processes run (an earlier runner's children) take lanes too
-            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and _busy(s.out, busy))
-            for s in ready[: max(a.lanes - len(running) - foreign, 0)]:
-                ran.add(s.name)
-                running[pool.submit(run_stage, s, a.threads, a.dry_run)] = s.name
-            if not running:
-                if foreign:  # wait for the other process's stages to finish, then fill the lanes
-                    time.sleep(30)
-                    continue
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED, timeout=60 if foreign else None)
-            for f in finished:
-                running.pop(f)
-                f.result()
+    ch, plan = build()
     todo = [s.name for s in plan if not s.done()]
     print(f"{len(plan) - len(todo)}/{len(plan)} stages done" + (f"; waiting: {', '.join(todo)}" if todo else ""))
     return 0

@@ -222,7 +222,7 @@ def test_stage_cost_survives_a_killed_attempt_and_accumulates(tmp_path, monkeypa
     import threading
     import time
 
-    import cifar10_study as st
+    import study_runner as st
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
     monkeypatch.setattr(st, "stage_command", lambda s: [sys.executable, "-c", burn, "--output-dir", str(s.out)])
