@@ -139,7 +139,8 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
         sfx = "" if (ch.mode, ch.select) == ("max", "all") else f"_{ch.mode}_{ch.select}"
         pa = "pa_" if ch.prune_aware else ""
         method_tag = f"{pa}{ch.cfg}{sfx}"
-        specs = [("method: feature decay + CV/calibrated dynamic thresholds"
+        points = {"all": "all points", "cv": "CV-selected points"}.get(ch.select, ch.select)
+        specs = [(f"method: feature decay + calibrated dynamic thresholds ({points}, chosen on the holdout)"
                   + (" + prune-aware" if ch.prune_aware else ""), method_tag),
                  ("ablation 3: same calibration, no feature decay", f"{pa}control{sfx}")]
         specs += [(f"ablation 4: {name} points", pa + ch.cfg + ("" if (ch.mode, s_) == ("max", "all")
@@ -382,15 +383,23 @@ def _plot(rows: list[dict], png: Path, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    series: dict[str, list[tuple[float, float]]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["flops_reduction"], r["top1"]) for r in rows if r["method"] == method)
-        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=method)
+        series[method] = sorted((r["flops_reduction"], r["top1"]) for r in rows if r["method"] == method)
+    for method, pts in series.items():
+        same = [m for m, q in series.items() if m != method and q == pts]
+        if same and list(series).index(same[0]) < list(series).index(method):
+            continue  # the same runs as an earlier series (the method's point selection is "all points")
+        label = method + "".join(f"\n  = {m}" for m in same)
+        (line,) = ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+        if len(pts) == 1 and pts[0][0] == 0.0:  # the dense baseline: a reference level across the plot
+            ax.axhline(100 * pts[0][1], color=line.get_color(), ls="--", lw=0.8)
     ax.set_xlabel("mean FLOPs reduction on the test split (%)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"CIFAR-10 {model}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
