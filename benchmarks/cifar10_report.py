@@ -317,7 +317,10 @@ def _markdown(model: str, meta: dict, rows: list[dict], grid: list[dict], costs:
     for r in rows:
         diff = None if r.get("baseline_top1") is None else 100 * (r["top1"] - r["baseline_top1"])
         ci = "" if not r.get("ci95") else f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
-        note = "interpolated" if r.get("interpolated") else ("outside measured range" if r.get("unmatched") else "")
+        note = ("outside measured range" if r.get("unmatched") else "")
+        if r.get("interpolated"):
+            note = (f"interpolated (the run for this target measured {r['measured_flops_reduction']:.3f} "
+                    f"reduction, top-1 {r['measured_top1']:.4f})")
         if r.get("unadapted_top1") is not None:
             note = f"unadapted public checkpoint: {r['unadapted_top1']:.4f}"
         vs = "" if r.get("method_minus_row") is None else (
