@@ -326,18 +326,38 @@ def write_results_md(results: Path = ROOT / "results") -> Path:
              + ", ".join(f"{k} = {v}" for k, v in GRID.items()) + ".", ""]
     from cifar10_report import goals_summary  # benchmarks/cifar10_report.py
 
+    md_path = ROOT / "RESULTS.md" if results.resolve() == (ROOT / "results").resolve() else results / "RESULTS.md"
     lines += goals_summary(results)
     for model in sorted(CHECKPOINTS):
         md = results / f"cifar10_{model}.md"
         if md.is_file():
             lines += [md.read_text().replace("# CIFAR-10 study", "## CIFAR-10 study", 1), ""]
+            lines += _plot_links(results, model, md_path.parent)
         else:
             lines += [f"## CIFAR-10 study: {model}", "", "pending (no stage reported yet)", ""]
     side = results / "pa_allocation" / "pa_allocation.md"
     if side.is_file():  # the side study of the prune-aware phase (benchmarks/pa_allocation.py)
         lines += [side.read_text().replace("# ", "## ", 1), ""]
-    md_path = ROOT / "RESULTS.md" if results.resolve() == (ROOT / "results").resolve() else results / "RESULTS.md"
     return atomic_write_text(md_path, "\n".join(lines))
+
+
+def _plot_links(results: Path, model: str, base: Path) -> list[str]:
+    """Markdown image links to a model's plots: accuracy vs FLOPs, per-image view, and the method's 60% stage plots."""
+    import json
+    import os
+
+    pngs = [("accuracy vs FLOPs, every row", results / f"cifar10_{model}_accuracy_vs_flops.png"),
+            ("per-image FLOPs and keep ratio vs confidence", results / f"cifar10_{model}_per_image.png")]
+    js = results / f"cifar10_{model}.json"
+    rows = json.loads(js.read_text()).get("rows", []) if js.is_file() else []
+    setting = next((r.get("setting") for r in rows if r["method"].startswith("method:") and r["target"] == 0.6), None)
+    if setting:
+        ev = results / "study" / model / f"ev_{setting}_0.6"
+        pngs += [(f"CV per prune point ({setting}, 60%)", ev / "cv_per_point.png"),
+                 (f"per-image FLOPs histogram ({setting}, 60%)", ev / "flops_histogram.png")]
+    out = [f"Plots ({model}):", ""]
+    out += [f"![{title}]({os.path.relpath(png, base)})" for title, png in pngs if png.is_file()]
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
