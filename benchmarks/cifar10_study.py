@@ -338,6 +338,8 @@ def write_results_md(results: Path = ROOT / "results") -> Path:
     side = results / "pa_allocation" / "pa_allocation.md"
     if side.is_file():  # the side study of the prune-aware phase (benchmarks/pa_allocation.py)
         lines += [side.read_text().replace("# ", "## ", 1), ""]
+    for side in sorted(results.glob("seed_replicate/*/seed*.md")):  # benchmarks/seed_replicate.py
+        lines += [side.read_text().replace("# ", "## Side study: ", 1), ""]
     for side in sorted(results.glob("point_subset/*/*/point_subset.md")):  # benchmarks/point_subset.py
         lines += [side.read_text().replace("# ", "## Side study: ", 1), ""]
     return atomic_write_text(md_path, "\n".join(lines))
