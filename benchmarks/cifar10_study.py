@@ -306,7 +306,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     return out
 
 
-def write_results_md(results: Path = ROOT / "results") -> Path:
+def write_results_md(results: Path = ROOT / "results", work: Path = ROOT / "results" / "study") -> Path:
     """RESULTS.md: the schedule (epochs per run) and every model's tables from ``results/cifar10_<model>.md``."""
     from instaprune.io import atomic_write_text
 
@@ -332,20 +332,19 @@ def write_results_md(results: Path = ROOT / "results") -> Path:
         md = results / f"cifar10_{model}.md"
         if md.is_file():
             lines += [md.read_text().replace("# CIFAR-10 study", "## CIFAR-10 study", 1), ""]
-            lines += _plot_links(results, model, md_path.parent)
+            lines += _plot_links(results, work / model, model, md_path.parent)
         else:
             lines += [f"## CIFAR-10 study: {model}", "", "pending (no stage reported yet)", ""]
     side = results / "pa_allocation" / "pa_allocation.md"
     if side.is_file():  # the side study of the prune-aware phase (benchmarks/pa_allocation.py)
         lines += [side.read_text().replace("# ", "## ", 1), ""]
-    for side in sorted(results.glob("seed_replicate/*/seed*.md")):  # benchmarks/seed_replicate.py
-        lines += [side.read_text().replace("# ", "## Side study: ", 1), ""]
-    for side in sorted(results.glob("point_subset/*/*/point_subset.md")):  # benchmarks/point_subset.py
-        lines += [side.read_text().replace("# ", "## Side study: ", 1), ""]
+    for pattern in ("seed_replicate/*/seed*.md", "point_subset/*/*/point_subset.md"):  # their benchmarks/*.py
+        for side in sorted(results.glob(pattern)):
+            lines += [side.read_text().replace("# ", "## Side study: ", 1), ""]
     return atomic_write_text(md_path, "\n".join(lines))
 
 
-def _plot_links(results: Path, model: str, base: Path) -> list[str]:
+def _plot_links(results: Path, stages: Path, model: str, base: Path) -> list[str]:
     """Markdown image links to a model's plots: accuracy vs FLOPs, per-image view, and the method's 60% stage plots."""
     import json
     import os
@@ -356,7 +355,7 @@ def _plot_links(results: Path, model: str, base: Path) -> list[str]:
     rows = json.loads(js.read_text()).get("rows", []) if js.is_file() else []
     setting = next((r.get("setting") for r in rows if r["method"].startswith("method:") and r["target"] == 0.6), None)
     if setting:
-        ev = results / "study" / model / f"ev_{setting}_0.6"
+        ev = stages / f"ev_{setting}_0.6"
         pngs += [(f"CV per prune point ({setting}, 60%)", ev / "cv_per_point.png"),
                  (f"per-image FLOPs histogram ({setting}, 60%)", ev / "flops_histogram.png")]
     out = [f"Plots ({model}):", ""]
@@ -432,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         from cifar10_report import write_report  # benchmarks/cifar10_report.py
 
         write_report(a.model, work, plan, ch, Path(a.results_dir))
-        write_results_md(Path(a.results_dir))
+        write_results_md(Path(a.results_dir), work)
         return 0
     if not run_lanes(build, work / a.model, a.lanes, a.threads, a.only, a.latency, a.dry_run):
         return 2

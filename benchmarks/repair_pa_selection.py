@@ -29,6 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10_study import ROOT, Stage, run_stage  # noqa: E402
+from study_runner import recorded_args  # noqa: E402
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -72,11 +73,11 @@ def main() -> int:
     shutil.copy(recal / "plan.json", st / "plan.json")
     ev_name = "ev_" + st.name
     ev = w / ev_name
-    cmd = json.loads((ev / "cost.json").read_text())["command"] if (ev / "cost.json").is_file() else None
+    recorded = recorded_args(ev) if (ev / "cost.json").is_file() else None
     if ev.is_dir():
         shutil.rmtree(w / f"{ev_name}_reselected", ignore_errors=True)
         ev.rename(w / f"{ev_name}_reselected")
-    args = cmd[2:cmd.index("--output-dir")] if cmd else [
+    args = recorded or [
         "evaluate", "--model", a.model, "--data-path", "../shared/data/cifar10-test-jpeg", "--checkpoint",
         str(st / "model.pt"), "--plan", str(st / "plan.json"), "--baseline-checkpoint", str(w / "adapt" / "model.pt")]
     run_stage(Stage(ev_name, args, ev, "metrics.json"), 1, False)

@@ -17,20 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runinfo import run_meta  # noqa: E402
-from study_runner import ROOT, Stage, run_stage  # noqa: E402
+from study_runner import ROOT, Stage, recorded_args, run_stage  # noqa: E402
 
 
 def _replicate(w: Path, stage: str, seed: int, out: Path) -> None:
-    cmd = json.loads((w / stage / "cost.json").read_text())["command"]
-    args = cmd[2:cmd.index("--output-dir")]  # drop "-m instaprune" and the stage's own output dir
+    args = recorded_args(w / stage)
     if "--seed" in args:
         i = args.index("--seed")
         del args[i:i + 2]
     tr = Stage(f"{stage}_seed{seed}", [*args, "--seed", str(seed)], out / "train", "model.pt")
     if not tr.done():
         run_stage(tr, 1, False)
-    ev_cmd = json.loads((w / f"ev_{stage}" / "cost.json").read_text())["command"]
-    ev_args = ev_cmd[2:ev_cmd.index("--output-dir")]
+    ev_args = recorded_args(w / f"ev_{stage}")
     ev_args[ev_args.index("--checkpoint") + 1] = str(tr.out / "model.pt")
     ev_args[ev_args.index("--plan") + 1] = str(tr.out / "plan.json")
     ev = Stage(f"ev_{stage}_seed{seed}", ev_args, out / "evaluate", "metrics.json")
@@ -60,19 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     for t in lanes:
         t.join()
 
-    def top1(d: Path) -> float | None:
+    def metrics(d: Path) -> dict:
         f = d / "metrics.json"
-        return json.loads(f.read_text())["top1"] if f.is_file() else None
-
-    def red(d: Path) -> float | None:
-        f = d / "metrics.json"
-        return json.loads(f.read_text())["flops_reduction"] if f.is_file() else None
+        return json.loads(f.read_text()) if f.is_file() else {}
 
     rows = []
     for s in stages:
-        rd = base / f"{s}_seed{a.seed}" / "evaluate"
-        rows.append({"stage": s, "seed0_top1": top1(w / f"ev_{s}"), "seed0_flops_reduction": red(w / f"ev_{s}"),
-                     f"seed{a.seed}_top1": top1(rd), f"seed{a.seed}_flops_reduction": red(rd)})
+        m0, m1 = metrics(w / f"ev_{s}"), metrics(base / f"{s}_seed{a.seed}" / "evaluate")
+        rows.append({"stage": s, "seed0_top1": m0.get("top1"), "seed0_flops_reduction": m0.get("flops_reduction"),
+                     f"seed{a.seed}_top1": m1.get("top1"), f"seed{a.seed}_flops_reduction": m1.get("flops_reduction")})
     from instaprune.io import atomic_write_json, atomic_write_text
 
     res = {"meta": run_meta("seed_replicate.py", sys.argv[1:] if argv is None else argv), "model": a.model,

@@ -78,6 +78,13 @@ def stage_command(s: Stage) -> list[str]:
     return [*base, *(s.args or []), "--output-dir", str(s.out)]
 
 
+def recorded_args(out: Path) -> list[str]:
+    """The arguments a finished stage in ``out`` ran with (from its cost.json), without its ``--output-dir``."""
+    cmd = json.loads((out / "cost.json").read_text())["command"]
+    head = 1 if cmd[0].endswith(".py") else 2  # "<script>.py ..." or "-m instaprune ..."
+    return cmd[head:cmd.index("--output-dir")]
+
+
 def run_stage(s: Stage, threads: int, dry: bool) -> float:
     cmd = stage_command(s)
     print(time.strftime("%H:%M:%S ") + ("DRY " if dry else "") + " ".join(cmd[1:]), flush=True)
