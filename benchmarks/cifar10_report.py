@@ -48,7 +48,7 @@ def per_instance(per: Any, dense_macs: float, base: Any | None) -> dict[str, flo
     pruned model's own errors do not define it; the pruned model's own confidence is given beside it."""
     import torch
 
-    from instaprune.report import spearman
+    from instaprune.evaluation.report import spearman
 
     frac = np.asarray(per["flops"], dtype=np.float64) / (2.0 * dense_macs)
     corr = np.asarray(per["correct"], dtype=bool)
@@ -119,7 +119,7 @@ def _latency(bench: Path) -> dict[str, Any]:
 
 def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path = ROOT / "results") -> Path:
     """Rows from whatever stages are done (missing ones are listed as pending), choice tables, costs, plots."""
-    from instaprune.io import atomic_write_json, atomic_write_text
+    from instaprune.core.io import atomic_write_json, atomic_write_text
 
     results.mkdir(parents=True, exist_ok=True)
     work = work_root / model

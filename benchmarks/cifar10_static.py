@@ -19,13 +19,13 @@ def static_stage(a: argparse.Namespace, lr: float, pa_lr: float) -> int:
     import numpy as np
     import torch
 
-    from instaprune.checkpoint import save_checkpoint
-    from instaprune.data import iterate_batches
-    from instaprune.io import atomic_write, atomic_write_json
-    from instaprune.pipeline import discover, load_model, load_split
-    from instaprune.regularizer import FeatureDecayConfig
-    from instaprune.static import apply_masks, find_pairs, static_plan
-    from instaprune.train import TrainConfig, evaluate_top1, train
+    from instaprune.baselines.static import apply_masks, find_pairs, static_plan
+    from instaprune.core.io import atomic_write, atomic_write_json
+    from instaprune.data.datasets import iterate_batches
+    from instaprune.method.regularizer import FeatureDecayConfig
+    from instaprune.pipeline.stages import discover, load_model, load_split
+    from instaprune.training.checkpoint import save_checkpoint
+    from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
     t0 = time.perf_counter()
     out = Path(a.output_dir)
@@ -38,7 +38,7 @@ def static_stage(a: argparse.Namespace, lr: float, pa_lr: float) -> int:
     x = torch.zeros(1, 3, lm.pre.input_size or 32, lm.pre.input_size or 32)
     plan_file = out / "static_plan.json"
     if plan_file.is_file():  # resumed: the masks come from the original (pre-fine-tune) weights
-        from instaprune.static import StaticPlan
+        from instaprune.baselines.static import StaticPlan
 
         plan = StaticPlan.from_dict(json.loads(plan_file.read_text()), find_pairs(lm.model, x)[0])
     else:

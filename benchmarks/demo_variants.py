@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def write_table(out: Path = OUT) -> Path:
-    from instaprune.io import atomic_write_text
+    from instaprune.core.io import atomic_write_text
 
     rows = ["# Demo schedule variants", "",
             "`python benchmarks/demo_variants.py`: `instaprune demo` (seed, threads as listed) with one schedule "
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.table_only:
         import torch
 
-        from instaprune.demo import DEMO_RECIPE, DemoSchedule, run_demo
-        from instaprune.io import atomic_write_json
+        from instaprune.core.io import atomic_write_json
+        from instaprune.demo.run import DEMO_RECIPE, DemoSchedule, run_demo
 
         torch.set_num_threads(a.threads)
         OUT.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instaprune.engine import to_dynamic
-from instaprune.engine_bench import (
+from instaprune.core.io import atomic_write_json, atomic_write_text
+from instaprune.engine._kernels import SparseInputConv2d, fold_bn
+from instaprune.engine._modules import DynamicConv2d, EngineContext, FoldedConv2d
+from instaprune.engine.bench import (
     breakdown,
     clock_for,
     dense_candidates,
@@ -49,13 +51,12 @@ from instaprune.engine_bench import (
     per_call_latency,
     time_alternating,
 )
-from instaprune.engine_modules import DynamicConv2d, EngineContext, FoldedConv2d
-from instaprune.io import atomic_write_json, atomic_write_text
-from instaprune.kernels import SparseInputConv2d, fold_bn
-from instaprune.masked import MaskedModel, ThresholdConfig
+from instaprune.engine.dynamic import to_dynamic
+from instaprune.method.masked import MaskedModel
+from instaprune.method.plan import Plan
+from instaprune.method.points import find_prune_points
+from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models import build_model
-from instaprune.plan import Plan
-from instaprune.points import find_prune_points
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_latency_report import render  # noqa: E402
@@ -269,7 +270,7 @@ def _rel(p: Path) -> str:
 def real_data(args) -> tuple[object, object, str, str]:
     """(calibration set, timed set, their descriptions): the timed images are a stratified subset of the test
     split; calibration uses the train split, or (absent) test images disjoint from the timed ones."""
-    from instaprune.data import load_dataset
+    from instaprune.data.datasets import load_dataset
     from instaprune.models import default_preprocessing
 
     pre = default_preprocessing("resnet20")
@@ -288,10 +289,10 @@ def real_data(args) -> tuple[object, object, str, str]:
 
 
 def real_rows(args) -> list[dict]:
-    from instaprune.calibrate import CalibrationConfig, calibrate
-    from instaprune.checkpoint import load_weights
-    from instaprune.data import iterate_batches
+    from instaprune.data.datasets import iterate_batches
+    from instaprune.method.calibration import CalibrationConfig, calibrate
     from instaprune.models import default_preprocessing
+    from instaprune.training.checkpoint import load_weights
 
     rows: list[dict] = []
     if not _path(args.cifar_test).is_dir():

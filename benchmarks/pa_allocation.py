@@ -40,13 +40,14 @@ from pathlib import Path
 
 import torch
 
-from instaprune.calibrate import CalibrationConfig, Evaluator, calibrate, recalibrate_batchnorm
-from instaprune.io import atomic_write_json, atomic_write_text
-from instaprune.masked import MaskedModel, ThresholdConfig, reference, saliency
-from instaprune.pipeline import cached_batches, discover, load_model, load_split
-from instaprune.prune_aware import PruneAwareConfig, TargetController
-from instaprune.regularizer import FeatureDecayConfig
-from instaprune.train import TrainConfig, train
+from instaprune.core.io import atomic_write_json, atomic_write_text
+from instaprune.method.calibration import CalibrationConfig, Evaluator, calibrate, recalibrate_batchnorm
+from instaprune.method.masked import MaskedModel
+from instaprune.method.prune_aware import PruneAwareConfig, TargetController
+from instaprune.method.regularizer import FeatureDecayConfig
+from instaprune.method.thresholds import ThresholdConfig, reference, saliency
+from instaprune.pipeline.stages import cached_batches, discover, load_model, load_split
+from instaprune.training.loop import TrainConfig, train
 from runinfo import run_meta
 
 

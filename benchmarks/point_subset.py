@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = w / "adapt" / "model.pt"
     all_plan = json.loads((all_st / "plan.json").read_text())
     rand_plan = json.loads((rand_st / "plan.json").read_text())
-    from instaprune.io import atomic_write_json, atomic_write_text
+    from instaprune.core.io import atomic_write_json, atomic_write_text
 
     nolin = {**all_plan, "selected": [p for p in all_plan["selected"] if p != "linear"],
              "taus": {k: v for k, v in all_plan["taus"].items() if k != "linear"}}

@@ -88,7 +88,7 @@ def main() -> int:
            "only_in_phase": sorted(sn - so), "only_in_reselected": sorted(so - sn),
            "holdout_top1": {"reselected": old["calibration"]["results"][old["calibration"]["chosen"]]["top1"],
                             "repaired": new["calibration"]["results"][new["calibration"]["chosen"]]["top1"]}}
-    from instaprune.io import atomic_write_json
+    from instaprune.core.io import atomic_write_json
 
     atomic_write_json(st / "repair.json", rec)
     print(json.dumps({k: rec[k] for k in ("only_in_phase", "only_in_reselected", "holdout_top1")}))

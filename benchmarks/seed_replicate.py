@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         m0, m1 = metrics(w / f"ev_{s}"), metrics(base / f"{s}_seed{a.seed}" / "evaluate")
         rows.append({"stage": s, "seed0_top1": m0.get("top1"), "seed0_flops_reduction": m0.get("flops_reduction"),
                      f"seed{a.seed}_top1": m1.get("top1"), f"seed{a.seed}_flops_reduction": m1.get("flops_reduction")})
-    from instaprune.io import atomic_write_json, atomic_write_text
+    from instaprune.core.io import atomic_write_json, atomic_write_text
 
     res = {"meta": run_meta("seed_replicate.py", sys.argv[1:] if argv is None else argv), "model": a.model,
            "seed": a.seed, "rows": rows}

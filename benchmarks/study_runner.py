@@ -95,7 +95,7 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     cost = s.out / "cost.json"
     old = json.loads(cost.read_text()) if cost.is_file() else {}
     prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
-    from instaprune.io import atomic_write_json
+    from instaprune.core.io import atomic_write_json
 
     def record(seconds: float, cpu: float, **extra: object) -> dict:
         # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work

@@ -8,15 +8,15 @@ import sys
 
 import torch
 
-from instaprune.analysis import analyze
-from instaprune.config import Preprocessing
-from instaprune.data import ImageSet, iterate_batches
-from instaprune.demo_data import make_dataset, mean_std
-from instaprune.distributed import init_from_env, shard_dataset, shutdown
+from instaprune.core.config import Preprocessing
+from instaprune.core.distributed import init_from_env, shard_dataset, shutdown
+from instaprune.data.datasets import ImageSet, iterate_batches
+from instaprune.data.synthetic import make_dataset, mean_std
+from instaprune.method.analysis import analyze
+from instaprune.method.points import find_prune_points
+from instaprune.method.regularizer import FeatureDecayConfig
 from instaprune.models import build_model
-from instaprune.points import find_prune_points
-from instaprune.regularizer import FeatureDecayConfig
-from instaprune.train import TrainConfig, train
+from instaprune.training.loop import TrainConfig, train
 
 IMAGES, SIZE = 160, 16  # 160 // 16 = 10 steps per epoch at a global batch of 16; 2 epochs = 20 steps
 

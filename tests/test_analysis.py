@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_cnn
-from instaprune.analysis import SaliencyStats, analyze, select_points
-from instaprune.errors import ConfigError
-from instaprune.masked import saliency
-from instaprune.points import find_prune_points
+from instaprune.core.errors import ConfigError
+from instaprune.method.analysis import SaliencyStats, analyze, select_points
+from instaprune.method.points import find_prune_points
+from instaprune.method.thresholds import saliency
 
 
 def two_pass_cv(s: torch.Tensor) -> tuple[float, int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from instaprune.cli import main
+from instaprune.cli.main import main
 
 
 def test_benchmark_writes_rows_with_every_field(tmp_path, capsys):

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from instaprune.calibrate import CalibrationConfig, calibrate
-from instaprune.errors import ConfigError
-from instaprune.masked import MaskedModel, ThresholdConfig
-from instaprune.points import find_prune_points
+from instaprune.core.errors import ConfigError
+from instaprune.method.calibration import CalibrationConfig, calibrate
+from instaprune.method.masked import MaskedModel
+from instaprune.method.points import find_prune_points
+from instaprune.method.thresholds import ThresholdConfig
 
 
 def trained_tiny():
@@ -95,7 +96,7 @@ def test_unreachable_target(setup):
 def test_recalibrate_batchnorm_matches_masked_batch_statistics(setup):
     import copy
 
-    from instaprune.calibrate import recalibrate_batchnorm
+    from instaprune.method.calibration import recalibrate_batchnorm
 
     model, rep, batches = setup
     model = copy.deepcopy(model)

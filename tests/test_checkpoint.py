@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from instaprune.checkpoint import load_weights, read_meta, save_checkpoint, save_safetensors
-from instaprune.config import Preprocessing
-from instaprune.errors import CheckpointError
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import CheckpointError
 from instaprune.models import build_model, default_preprocessing
+from instaprune.training.checkpoint import load_weights, read_meta, save_checkpoint, save_safetensors
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RESNET20 = SHARED / "models" / "resnet20-cifar10.th"

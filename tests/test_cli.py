@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import CIFAR_TEST, RESNET20, require_shared
-from instaprune.cli import main
+from instaprune.cli.main import main
 
 
 def run(args, capsys):

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from instaprune.augment import augment_batch, augment_params, epoch_permutation, shard_indices
-from instaprune.config import Preprocessing
-from instaprune.data import (
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import ConfigError, DataError
+from instaprune.data.augment import augment_batch, augment_params, epoch_permutation, shard_indices
+from instaprune.data.datasets import (
     CIFAR10_CLASSES,
     ImageSet,
     iterate_batches,
@@ -23,7 +24,6 @@ from instaprune.data import (
     load_image_folder,
     make_folder_loader,
 )
-from instaprune.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_JPEG = SHARED / "data" / "cifar10-test-jpeg"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from instaprune.analysis import SaliencyStats
-from instaprune.distributed import DistEnv, init_from_env, wrap_ddp
-from instaprune.errors import ConfigError
+from instaprune.core.distributed import DistEnv, init_from_env, wrap_ddp
+from instaprune.core.errors import ConfigError
+from instaprune.method.analysis import SaliencyStats
 
 HERE = Path(__file__).resolve().parent
 SRC = str(HERE.parent / "src")
@@ -85,7 +85,7 @@ def test_cli_under_torchrun_survives_a_dead_worker(tmp_path):
                  str(tmp_path / "ddp"), max_restarts=1, INSTAPRUNE_FAULT_STEP="7", INSTAPRUNE_FAULT_RANK="1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exitcode: 75" in r.stderr and "resuming from" in r.stderr
-    from instaprune.cli import main
+    from instaprune.cli.main import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from instaprune.cli import main
+from instaprune.cli.main import main
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from instaprune.demo_data import CLASS_NAMES, RECIPE, DemoData, DemoRecipe, make_dataset, make_splits, mean_std
-from instaprune.errors import ConfigError
+from instaprune.core.errors import ConfigError
+from instaprune.data.synthetic import CLASS_NAMES, RECIPE, DemoData, DemoRecipe, make_dataset, make_splits, mean_std
 from instaprune.models.tiny_resnet import BasicBlock, PadShortcut, tiny_resnet
 
 

@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from instaprune.engine import ENGINE_STRATEGIES, DynamicModel, fold_dense, to_dynamic
-from instaprune.errors import ConfigError, PlanMismatchError
-from instaprune.flops import dynamic_macs
-from instaprune.masked import MaskedModel, ThresholdConfig, keep_mask, reference, saliency
+from instaprune.core.errors import ConfigError, PlanMismatchError
+from instaprune.engine.dynamic import ENGINE_STRATEGIES, DynamicModel, fold_dense, to_dynamic
+from instaprune.method.flops import dynamic_macs
+from instaprune.method.masked import MaskedModel
+from instaprune.method.plan import Plan
+from instaprune.method.points import PointReport, find_prune_points
+from instaprune.method.thresholds import ThresholdConfig, keep_mask, reference, saliency
 from instaprune.models import build_model
-from instaprune.plan import Plan
-from instaprune.points import PointReport, find_prune_points
 
 CIFAR = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn_cifar", "tiny_resnet")
 MODELS = (*CIFAR, "resnet18", "resnet50", "mobilenet_v2", "resnext50_32x4d", "densenet121", "efficientnet_b0",
@@ -380,7 +381,7 @@ def test_original_model_is_untouched_and_errors():
 
 
 def test_benchmark_plan_rows_and_breakdown():
-    from instaprune.engine_bench import benchmark_plan
+    from instaprune.engine.bench import benchmark_plan
 
     model, rep, size = model_and_points("tiny_resnet")
     plan = plan_for(rep, {n: 0.5 for n in rep.names()})
@@ -396,7 +397,7 @@ def test_benchmark_plan_rows_and_breakdown():
 
 
 def test_auto_tuning_settles_and_every_trial_is_exact():
-    from instaprune.engine_modules import DynamicConv2d
+    from instaprune.engine._modules import DynamicConv2d
 
     model, rep, size = model_and_points("resnet20")
     plan = plan_for(rep, {n: 0.5 for n in rep.names()})

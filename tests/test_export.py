@@ -10,16 +10,17 @@ import importlib.util
 import pytest
 import torch
 
-from instaprune.artifacts import load_portable, save_portable
-from instaprune.cli import main
-from instaprune.config import Preprocessing
-from instaprune.errors import CheckpointError, PlanMismatchError
-from instaprune.export import DynamicExport, export_model, load_program, run_onnx
-from instaprune.masked import MaskedModel, ThresholdConfig
+from instaprune.cli.main import main
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import CheckpointError, PlanMismatchError
+from instaprune.evaluation.export import DynamicExport, export_model, load_program, run_onnx
+from instaprune.method.masked import MaskedModel
+from instaprune.method.plan import Plan
+from instaprune.method.points import find_prune_points
+from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models import build_model
 from instaprune.models.tiny_resnet import tiny_resnet
-from instaprune.plan import Plan
-from instaprune.points import find_prune_points
+from instaprune.training.artifacts import load_portable, save_portable
 
 ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 LOGIT_TOL = 1e-4  # float32 kernels of onnxruntime vs PyTorch; measured ~5e-8 on tiny_resnet

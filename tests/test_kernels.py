@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from instaprune.errors import ConfigError, ModelError
-from instaprune.kernels import STRATEGIES, MaskStats, SparseInputConv2d, as_mask, choose_strategy, fold_bn
-from instaprune.kernels_impl import greedy_buckets
+from instaprune.core.errors import ConfigError, ModelError
+from instaprune.engine._kernels import STRATEGIES, MaskStats, SparseInputConv2d, as_mask, choose_strategy, fold_bn
+from instaprune.engine._kernels_impl import greedy_buckets
 
 RUN = list(STRATEGIES)
 

@@ -7,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_cnn
-from instaprune.errors import ConfigError
-from instaprune.masked import MaskedModel, ThresholdConfig, keep_mask, saliency
+from instaprune.core.errors import ConfigError
+from instaprune.method.masked import MaskedModel
+from instaprune.method.points import find_prune_points
+from instaprune.method.thresholds import ThresholdConfig, keep_mask, saliency
 from instaprune.models import build_model
-from instaprune.points import find_prune_points
 
 
 def test_saliency_is_channel_rms():

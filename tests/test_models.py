@@ -11,15 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from instaprune.config import IMAGENET_MEAN, IMAGENET_STD
-from instaprune.errors import ConfigError, ModelError
-from instaprune.models import (
-    CIFAR_MODELS,
-    build_model,
-    default_preprocessing,
-    is_cifar_model,
-    list_models,
-)
+from instaprune.core.config import IMAGENET_MEAN, IMAGENET_STD
+from instaprune.core.errors import ConfigError, ModelError
+from instaprune.models import CIFAR_MODELS, build_model, default_preprocessing, is_cifar_model, list_models
 from instaprune.models.cifar_resnet import PadShortcut, resnet20
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -156,7 +150,7 @@ def test_default_preprocessing() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, instaprune.models, instaprune.checkpoint; "
+    code = ("import sys, instaprune.models, instaprune.training.checkpoint; "
             "print(any(m.startswith('torchvision') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

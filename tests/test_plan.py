@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instaprune.errors import PlanMismatchError
+from instaprune.core.errors import PlanMismatchError
+from instaprune.method.plan import Plan
+from instaprune.method.points import find_prune_points
 from instaprune.models import build_model
-from instaprune.plan import Plan
-from instaprune.points import find_prune_points
 
 
 def make_plan(name="resnet20"):

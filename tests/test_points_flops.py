@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_cnn
-from instaprune.flops import dynamic_macs, flop_counter_macs, reduction_summary
+from instaprune.method.flops import dynamic_macs, flop_counter_macs, reduction_summary
+from instaprune.method.points import find_prune_points
 from instaprune.models import build_model
-from instaprune.points import find_prune_points
 
 CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn_cifar"]
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "resnext50_32x4d", "densenet121", "efficientnet_b0",

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instaprune.config import Preprocessing
-from instaprune.data import ImageSet
-from instaprune.demo_data import make_dataset, mean_std
-from instaprune.errors import ConfigError
-from instaprune.masked import MaskedModel, ThresholdConfig
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import ConfigError
+from instaprune.data.datasets import ImageSet
+from instaprune.data.synthetic import make_dataset, mean_std
+from instaprune.method.masked import MaskedModel
+from instaprune.method.points import find_prune_points
+from instaprune.method.prune_aware import PruneAwareConfig, TargetController
+from instaprune.method.regularizer import FeatureDecayConfig
+from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models import build_model
-from instaprune.points import find_prune_points
-from instaprune.prune_aware import PruneAwareConfig, TargetController
-from instaprune.regularizer import FeatureDecayConfig
-from instaprune.train import TrainConfig, train
+from instaprune.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from instaprune.errors import ConfigError
-from instaprune.points import find_prune_points
-from instaprune.regularizer import FeatureDecayConfig, attach_feature_decay, penalty
+from instaprune.core.errors import ConfigError
+from instaprune.method.points import find_prune_points
+from instaprune.method.regularizer import FeatureDecayConfig, attach_feature_decay, penalty
 
 
 def test_penalty_values_by_hand():

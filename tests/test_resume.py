@@ -8,17 +8,17 @@ import signal
 import pytest
 import torch
 
-from instaprune.artifacts import read_training_checkpoint
-from instaprune.checkpoint import read_meta, save_checkpoint
-from instaprune.config import Preprocessing
-from instaprune.data import ImageSet
-from instaprune.demo_data import make_dataset, mean_std
-from instaprune.errors import CheckpointError, ConfigError
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import CheckpointError, ConfigError
+from instaprune.data.datasets import ImageSet
+from instaprune.data.synthetic import make_dataset, mean_std
+from instaprune.method.points import find_prune_points
+from instaprune.method.regularizer import FeatureDecayConfig
 from instaprune.models import build_model
 from instaprune.models.tiny_resnet import tiny_resnet
-from instaprune.points import find_prune_points
-from instaprune.regularizer import FeatureDecayConfig
-from instaprune.train import TrainConfig, train
+from instaprune.training.artifacts import read_training_checkpoint
+from instaprune.training.checkpoint import read_meta, save_checkpoint
+from instaprune.training.loop import TrainConfig, train
 
 EVERY = 3  # checkpoint every 3 optimizer steps; 10 steps per epoch, 2 epochs
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from instaprune.artifacts import FAULT_EXIT_CODE, read_training_checkpoint
 from instaprune.models import build_model
+from instaprune.training.artifacts import FAULT_EXIT_CODE, read_training_checkpoint
 
 EVERY = 3  # --checkpoint-every; 160 images / batch 16 = 10 steps per epoch, 2 epochs = 20 steps
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -25,7 +25,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def write_image_folder(root: Path, n: int = 160, size: int = 32) -> Path:
     from PIL import Image
 
-    from instaprune.demo_data import make_dataset
+    from instaprune.data.synthetic import make_dataset
 
     d = make_dataset(n, seed=3, size=size)
     for i, (im, label) in enumerate(zip(d.images, d.labels, strict=True)):
@@ -69,7 +69,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(folder, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The uninterrupted run, in this process (same CLI code, one thread like the subprocesses)."""
-    from instaprune.cli import main
+    from instaprune.cli.main import main
 
     out = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()

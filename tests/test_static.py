@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instaprune.errors import ConfigError
-from instaprune.flops import flop_counter_macs
+from instaprune.baselines.static import StaticPlan, apply_masks, find_pairs, slim, static_plan
+from instaprune.core.errors import ConfigError
+from instaprune.method.flops import flop_counter_macs
 from instaprune.models import build_model
-from instaprune.static import StaticPlan, apply_masks, find_pairs, slim, static_plan
 
 
 @pytest.fixture(scope="module")

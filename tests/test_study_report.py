@@ -16,7 +16,7 @@ from cifar10_report import (  # noqa: E402
     paired_bootstrap,
     per_instance,
 )
-from instaprune.report import write_markdown  # noqa: E402
+from instaprune.evaluation.report import write_markdown
 
 
 def test_paired_bootstrap_interval():

@@ -6,15 +6,16 @@ import json
 import pytest
 import torch
 
-from instaprune.config import Preprocessing
-from instaprune.data import ImageSet, iterate_batches
-from instaprune.demo_data import make_dataset, mean_std
-from instaprune.errors import CheckpointError, ConfigError
-from instaprune.masked import MaskedModel, ThresholdConfig
+from instaprune.core.config import Preprocessing
+from instaprune.core.errors import CheckpointError, ConfigError
+from instaprune.data.datasets import ImageSet, iterate_batches
+from instaprune.data.synthetic import make_dataset, mean_std
+from instaprune.method.masked import MaskedModel
+from instaprune.method.points import find_prune_points
+from instaprune.method.regularizer import FeatureDecayConfig, attach_feature_decay
+from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models import build_model
-from instaprune.points import find_prune_points
-from instaprune.regularizer import FeatureDecayConfig, attach_feature_decay
-from instaprune.train import TrainConfig, evaluate_top1, train
+from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_bad_train_config():
 def test_distillation_term_and_teacher_pull(small):
     import torch.nn.functional as F
 
-    from instaprune.train import _distill_term
+    from instaprune.training.loop import _distill_term
 
     s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     t = torch.tensor([[0.5, 2.5, 0.0], [1.0, -1.0, 2.0]])

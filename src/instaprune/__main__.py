@@ -1,3 +1,3 @@
-from instaprune.cli import main
+from instaprune.cli.main import main
 
 raise SystemExit(main())

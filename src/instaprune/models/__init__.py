@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import ConfigError, ModelError
+from instaprune.core.config import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from instaprune.core.errors import ConfigError, ModelError
 
 __all__ = ["CIFAR_MODELS", "build_model", "list_models", "default_preprocessing", "is_cifar_model"]
 

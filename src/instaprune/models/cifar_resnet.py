@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from instaprune.core.errors import ConfigError
 
 __all__ = ["PadShortcut", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56",
            "resnet110"]

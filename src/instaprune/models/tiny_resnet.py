@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from instaprune.core.errors import ConfigError
 
 __all__ = ["BasicBlock", "PadShortcut", "TinyResNet", "tiny_resnet"]
 

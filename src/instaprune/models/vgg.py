@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from instaprune.core.errors import ConfigError
 
 __all__ = ["VGG16_CFG", "CifarVGG", "vgg16_bn_cifar"]
 

@@ -1,0 +1,242 @@
+"""Latency measurement of the dynamic engine against the fastest honest dense model (METHOD.md section 8).
+
+Used by ``benchmarks/engine_latency.py`` and the ``instaprune benchmark`` command:
+
+- :func:`dense_candidates`: the model as given (eager) and BN-folded (``fold_dense``), each in NCHW and
+  channels_last; :func:`time_alternating` picks the fastest (the dense side of every comparison).
+- :func:`time_alternating`: ``torch.utils.benchmark.Timer`` on every function in turn, ``pairs`` rounds
+  (dense and dynamic alternate, so load drifts hit both alike); per round ``number`` calls, per-call time.
+  Clock ``cpu`` (``time.process_time``) for one thread is robust to other processes taking the core;
+  ``wall`` for more threads (CPU time would add the threads up).
+- :func:`breakdown`: torch.profiler over a few forwards with the engine's scopes on; the forward's time split
+  into saliency (norms + thresholds, scope ``instaprune.saliency``), gather (everything but convolutions and
+  GEMMs inside the sparse scope: index_select, masking, scatter, concatenation), conv (every convolution and
+  GEMM of the model, dense layers included) and other (pools, adds, activations, Python), as fractions.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from instaprune.core.errors import ConfigError
+from instaprune.engine._linear import DynamicLinear
+from instaprune.engine._modules import DynamicConv2d
+from instaprune.engine.dynamic import DynamicModel, fold_dense, to_dynamic
+from instaprune.method.plan import Plan
+from instaprune.method.points import PointReport
+
+__all__ = ["CLOCKS", "clock_for", "time_alternating", "dense_models", "dense_candidates", "breakdown",
+           "per_call_latency", "machine", "benchmark_plan"]
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+_CONV_OPS = ("conv", "addmm", "aten::mm", "aten::bmm", "embedding_bag", "aten::linear", "aten::matmul")
+
+
+def clock_for(threads: int, clock: str = "auto") -> str:
+    if clock not in ("auto", *CLOCKS):
+        raise ConfigError(f"clock must be auto, cpu or wall, got {clock!r}")
+    return ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What a timing depends on: versions, CPU, cores, threads, load and the UTC date of the run."""
+    from instaprune import __version__
+
+    return {"instaprune": __version__, "torch": torch.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "load_avg": list(os.getloadavg()),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], pairs: int = 7, threads: int = 1, clock: str = "auto",
+                     min_seconds: float = 0.05) -> dict[str, list[float]]:
+    """Per-call milliseconds of each function, measured round-robin ``pairs`` times (after one warm-up)."""
+    timer = CLOCKS[clock_for(threads, clock)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        numbers = {}
+        for name, f in fns.items():
+            f()
+            t0 = time.perf_counter()
+            f()
+            numbers[name] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        out: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(pairs):
+            for name, f in fns.items():
+                t = Timer("f()", globals={"f": f}, num_threads=threads, timer=timer)
+                out[name].append(t.timeit(numbers[name]).median * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+    return out
+
+
+def dense_models(model: nn.Module, points: PointReport) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The dense model in four forms, each a function of an NCHW input (channels_last forms convert it inside,
+    as the engine does): eager / BN-folded (``fold_dense``) x NCHW / channels_last."""
+    model = model.eval()
+    eager_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    folded, folded_cl = fold_dense(model, points), fold_dense(model, points, channels_last=True)
+
+    def eager(x: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    def eager_channels_last(x: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return eager_cl(x.contiguous(memory_format=torch.channels_last))
+
+    return {"eager_nchw": eager, "eager_cl": eager_channels_last, "folded_nchw": folded,
+            "folded_cl": folded_cl}
+
+
+def dense_candidates(model: nn.Module, points: PointReport, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """:func:`dense_models` as closures on ``x`` (for :func:`time_alternating`)."""
+    return {name: (lambda f=f: f(x)) for name, f in dense_models(model, points).items()}
+
+
+def breakdown(engine: DynamicModel | nn.Module, x: torch.Tensor, reps: int = 3,
+              run: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Fractions of the forward's time spent in saliency / gather / conv / other (see module docs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layers = [m for m in engine.modules() if isinstance(m, (DynamicConv2d, DynamicLinear))]
+    ctxs = list({id(m.ctx): m.ctx for m in layers}.values())
+    run = run or (lambda: engine(x))
+    for c in ctxs:
+        c.profile = True
+    try:
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run()
+            total = (time.perf_counter() - t0) * 1e6
+    finally:
+        for c in ctxs:
+            c.profile = False
+    sal = gather = conv = 0.0
+    for ev in prof.events():
+        if ev.name == "instaprune.saliency":
+            sal += ev.cpu_time_total
+            continue
+        if not ev.name.startswith("aten::"):
+            continue
+        scope, parent = None, ev.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("instaprune."):
+                scope = parent.name
+                break
+            if parent.name.startswith("aten::"):  # only top-level aten ops carry self time we count
+                scope = "nested"
+                break
+            parent = parent.cpu_parent
+        if scope in ("nested", "instaprune.saliency"):
+            continue
+        t = ev.cpu_time_total
+        if any(k in ev.name for k in _CONV_OPS):
+            conv += t
+        elif scope == "instaprune.sparse":
+            gather += t
+    parts = {"saliency": sal, "gather": gather, "conv": conv}
+    parts["other"] = max(total - sum(parts.values()), 0.0)
+    s = sum(parts.values()) or 1.0
+    return {k: v / s for k, v in parts.items()}
+
+
+def per_call_latency(fns: dict[str, Callable[[torch.Tensor], Any]], inputs: list[torch.Tensor],
+                     threads: int = 1, clock: str = "auto") -> dict[str, dict[str, float]]:
+    """Per-input latency (ms) of each function, alternating functions on every input; p50/p90/p99/mean."""
+    timer = CLOCKS[clock_for(threads, clock)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    try:
+        for f in fns.values():
+            f(inputs[0])
+        for x in inputs:
+            for name, f in fns.items():
+                t0 = timer()
+                f(x)
+                times[name].append((timer() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+    out = {}
+    for name, v in times.items():
+        q = statistics.quantiles(v, n=100, method="inclusive") if len(v) > 1 else [v[0]] * 99
+        out[name] = {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(v), "n": len(v)}
+    return out
+
+
+def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inputs: torch.Tensor,
+                   batch_sizes: Sequence[int] = (1, 32), threads: Sequence[int] = (1,), pairs: int = 7,
+                   clock: str = "auto", max_images: int = 200) -> list[dict[str, Any]]:
+    """Dense (fastest of :func:`dense_models`) vs ``to_dynamic(model, points, plan)`` on real ``inputs``.
+
+    Batch 1: every image (up to ``max_images``) in turn, dense and dynamic alternating; p50/p90/p99/mean.
+    Larger batches: the first ``b`` inputs, :func:`time_alternating` medians. Each row: dense/dynamic ms,
+    measured and theoretical speedup, efficiency, FLOPs reductions (required and executed), strategies and
+    the time breakdown."""
+    if pairs < 1:
+        raise ConfigError(f"pairs must be >= 1, got {pairs}")
+    engine = to_dynamic(model, points, plan)
+    dense = dense_models(model, points)
+    rows = []
+    for t in threads:
+        for b in batch_sizes:
+            if b > inputs.shape[0]:
+                raise ConfigError(f"batch {b} needs at least {b} inputs, got {inputs.shape[0]}")
+            first = inputs[:b]
+            pick = time_alternating({k: (lambda f=f, x=first: f(x)) for k, f in dense.items()}, 2, t, clock)
+            best = min(pick, key=lambda k: statistics.median(pick[k]))
+            row: dict[str, Any] = {"batch": b, "threads": t, "dense_variant": best,
+                                   "clock": clock_for(t, clock),
+                                   "dense_candidates_ms": {k: statistics.median(v) for k, v in pick.items()}}
+            if b == 1:
+                images = [inputs[i:i + 1] for i in range(min(max_images, inputs.shape[0]))]
+                engine.warmup(images[0])  # the batch-1 layout is chosen before any timing
+                lat = per_call_latency({"dense": dense[best], "dynamic": engine}, images, t, clock)
+                row.update(dense_latency_ms=lat["dense"], dynamic_latency_ms=lat["dynamic"],
+                           dense_ms=lat["dense"]["mean"], dynamic_ms=lat["dynamic"]["mean"])
+                summaries = []
+                for x in images:
+                    engine(x)
+                    summaries.append(engine.summary())
+            else:
+                engine.warmup(first)  # auto's tuning settles before any timing
+                fns = {"dense": lambda f=dense[best], x=first: f(x), "dynamic": lambda x=first: engine(x)}
+                tm = time_alternating(fns, pairs, t, clock)
+                row.update(dense_ms=statistics.median(tm["dense"]),
+                           dynamic_ms=statistics.median(tm["dynamic"]))
+                engine(first)
+                summaries = [engine.summary()]
+            for key in ("theoretical_speedup", "flops_reduction", "executed_flops_reduction"):
+                row[key] = statistics.fmean(s[key] for s in summaries)
+            row["strategies"] = summaries[-1]["strategies"]
+            row["measured_speedup"] = row["dense_ms"] / row["dynamic_ms"]
+            row["efficiency"] = row["measured_speedup"] / row["theoretical_speedup"]
+            frac = breakdown(engine, first, reps=1)
+            row["breakdown_ms"] = {k: v * row["dynamic_ms"] for k, v in frac.items()}
+            rows.append(row)
+    return rows

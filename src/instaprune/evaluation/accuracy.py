@@ -1,0 +1,113 @@
+"""Evaluation of the dense model and of the masked dynamic model under a plan (METHOD.md section 7).
+
+Returns plain data: a metrics dict (``dense_top1``, ``top1``, ``flops_reduction`` mean/p10/p50/p90,
+``overhead_macs``, ``theoretical_speedup``, per-point keep ratios and their CV across instances) and the
+per-instance arrays (MACs, confidence, correctness) the report plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from instaprune.core.config import Preprocessing
+from instaprune.data.datasets import ImageSet, iterate_batches
+from instaprune.method.flops import reduction_summary
+from instaprune.method.masked import MaskedModel
+from instaprune.method.plan import Plan
+from instaprune.method.points import PointReport
+
+__all__ = ["EvalResult", "evaluate", "accuracy_vs_flops"]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    per_instance: dict[str, torch.Tensor] = field(default_factory=dict)  # macs, confidence, correct, dense_correct
+    per_point: list[dict[str, Any]] = field(default_factory=list)  # name, channels, keep_mean, keep_cv, cv
+
+
+@torch.no_grad()
+def _run(net: nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int,
+         masked: MaskedModel | None = None) -> dict[str, torch.Tensor]:
+    net.eval()
+    conf, correct, macs = [], [], []
+    keep: dict[str, list[torch.Tensor]] = {}
+    for x, y, _ in iterate_batches(data, batch_size, pre.mean, pre.std):
+        p = net(x).softmax(1)
+        c, pred = p.max(1)
+        conf.append(c)
+        correct.append(pred == y)
+        if masked is not None:
+            macs.append(masked.instance_macs())
+            for p_ in masked.selected:
+                keep.setdefault(p_.name, []).append(masked.active[p_.name].double() / p_.channels)
+    out = {"confidence": torch.cat(conf), "correct": torch.cat(correct)}
+    if masked is not None:
+        out["macs"] = torch.cat(macs)
+        out.update({f"keep/{k}": torch.cat(v) for k, v in keep.items()})
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    pre: Preprocessing,
+    points: PointReport | None = None,
+    plan: Plan | None = None,
+    batch_size: int = 256,
+    baseline_top1: float | None = None,
+) -> EvalResult:
+    """Dense top-1 always; with ``plan`` (and ``points`` of the same model) the dynamic model too."""
+    dense = _run(model, data, pre, batch_size)
+    metrics: dict[str, Any] = {"images": len(data), "dense_top1": float(dense["correct"].double().mean())}
+    if baseline_top1 is not None:
+        metrics["baseline_top1"] = float(baseline_top1)
+    if plan is None or points is None:
+        return EvalResult(metrics, {"dense_correct": dense["correct"], "dense_confidence": dense["confidence"]})
+    plan.check(points)
+    masked = MaskedModel(model, points, plan.taus, plan.thresholds, plan.scale)
+    try:
+        dyn = _run(masked, data, pre, batch_size, masked)
+        overhead = masked.overhead_macs()
+    finally:
+        masked.remove()
+    metrics["top1"] = float(dyn["correct"].double().mean())
+    metrics.update(reduction_summary(dyn["macs"], points.dense_macs, overhead))
+    metrics["plan_scale"] = plan.scale
+    if baseline_top1 is not None:
+        metrics["top1_drop"] = float(baseline_top1) - metrics["top1"]
+    per_point = []
+    for p in points:
+        if p.name not in plan.taus:
+            continue
+        r = dyn[f"keep/{p.name}"]
+        per_point.append({"name": p.name, "channels": p.channels, "macs_share": p.macs / points.dense_macs,
+                          "tau": plan.taus[p.name], "keep_mean": float(r.mean()),
+                          "keep_cv": float(r.std(unbiased=False) / r.mean()) if float(r.mean()) > 0 else 0.0,
+                          "cv": plan.cv.get(p.name)})
+    flops = 2 * (dyn["macs"] + overhead)
+    per_instance = {"flops": flops, "confidence": dyn["confidence"], "correct": dyn["correct"],
+                    "dense_correct": dense["correct"], "dense_confidence": dense["confidence"]}
+    return EvalResult(metrics, per_instance, per_point)
+
+
+def accuracy_vs_flops(model: nn.Module, data: ImageSet, pre: Preprocessing, points: PointReport, plan: Plan,
+                      scales: Sequence[float], batch_size: int = 256) -> list[dict[str, float]]:
+    """Accuracy vs FLOPs reduction obtained by moving the plan's global threshold scale (one pass per scale)."""
+    plan.check(points)
+    masked = MaskedModel(model, points, plan.taus, plan.thresholds)
+    rows = []
+    try:
+        for s in scales:
+            masked.scale = float(s)
+            dyn = _run(masked, data, pre, batch_size, masked)
+            red = reduction_summary(dyn["macs"], points.dense_macs, masked.overhead_macs())["flops_reduction"]
+            rows.append({"scale": float(s), "flops_reduction": red, "top1": float(dyn["correct"].double().mean())})
+    finally:
+        masked.remove()
+    return rows

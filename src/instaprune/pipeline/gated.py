@@ -1,0 +1,227 @@
+"""The gated method's sequence, written once for the CLI, the demo and the studies (docs/method.md, section 9-10):
+
+    [slim statically to ``static_target``] -> discover gates -> attach predictors (open) -> budget for the FLOPs
+    target -> warm-up: fit the predictors to the saliency with the network frozen -> train under the masks (kept
+    fraction ramped from 1.0, optional distillation from the dense starting model) -> thresholds calibrated on the
+    held-out split (threshold selection) -> plan.
+
+Nothing here prints; progress goes to the ``progress`` callable and the log.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instaprune.core.errors import ConfigError
+from instaprune.data.datasets import ImageSet, iterate_batches
+from instaprune.method.flops import layer_macs
+from instaprune.method.gates import (
+    GateConfig,
+    GatedModel,
+    GatePlan,
+    GateRamp,
+    attach_predictors,
+    find_gates,
+    fit_predictors,
+    uniform_keep_for_target,
+)
+from instaprune.method.plan import Plan
+from instaprune.pipeline.stages import LoadedModel, cached_batches, discover
+from instaprune.training.loop import CHECKPOINT_NAME, TrainConfig, train
+
+__all__ = ["GateSchedule", "GatedRun", "prepare_gates", "train_gated", "train_static", "calibrate_gates",
+           "example_input"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateSchedule:
+    """How the gated method trains: ``target`` mean FLOPs reduction (overhead included, against the dense
+    starting model); ``ramp`` fraction of training over which the kept fraction falls from 1.0 to its budget
+    (cosine); ``warmup_batches`` batches of predictor fitting with the network frozen before training (0 = off);
+    ``static_target``: slim statically (L1 filter pruning) to this reduction first, then gate the rest (0 = off);
+    ``include`` / ``exclude``: fnmatch patterns of gates."""
+
+    target: float = 0.6
+    ramp: float = 0.3
+    warmup_batches: int = 50
+    warmup_lr: float = 0.01
+    static_target: float = 0.0
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"FLOPs target must be in (0, 1), got {self.target}")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise ConfigError(f"gate ramp must be in [0, 1], got {self.ramp}")
+        if self.warmup_batches < 0 or not self.warmup_lr > 0:
+            raise ConfigError(f"gate warm-up needs batches >= 0 and lr > 0, got {self.warmup_batches}, "
+                              f"{self.warmup_lr}")
+        if not 0.0 <= self.static_target < self.target:
+            raise ConfigError(f"static_target must be in [0, target), got {self.static_target}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GatedRun:
+    gated: GatedModel
+    plan: GatePlan
+    dense_macs: int
+    metrics: dict[str, Any]
+
+
+def example_input(lm: LoadedModel) -> torch.Tensor:
+    return torch.zeros(1, len(lm.pre.mean), lm.pre.input_size, lm.pre.input_size)
+
+
+def prepare_gates(lm: LoadedModel, cfg: GateConfig, schedule: GateSchedule, static: dict[str, Any] | None = None,
+                  dense_macs: int | None = None) -> tuple[GatedModel, GatePlan]:
+    """Slim (``schedule.static_target``, or the given ``static`` plan), discover gates, attach open predictors
+    and choose the uniform per-gate budget for the target. Replaces ``lm.model`` when it slims."""
+    from instaprune.baselines.static import StaticPlan, find_pairs, slim, static_plan
+
+    x = example_input(lm)
+    dense = dense_macs or int(sum(layer_macs(lm.model, x).values()))
+    if static is None and schedule.static_target > 0:
+        sp = static_plan(lm.model, x, schedule.static_target)
+        static = sp.to_dict()
+        lm.model = slim(lm.model, sp)
+        log.info("slimmed statically to %.3f reduction before gating", sp.reduction)
+    elif static is not None:
+        lm.model = slim(lm.model, StaticPlan.from_dict(static, find_pairs(lm.model, x)[0]))
+    gates = find_gates(lm.model, x, schedule.include, schedule.exclude)
+    if not len(gates):
+        raise ConfigError("this model has no gateable tensors (see 'instaprune points --gates')")
+    attach_predictors(lm.model, gates, cfg)
+    probe = GatedModel(lm.model, gates, cfg, dense_macs=dense)
+    overhead = probe.overhead_macs()
+    probe.remove()
+    keep = uniform_keep_for_target(gates, schedule.target, dense, cfg.min_keep, overhead)
+    plan = GatePlan(cfg, gates.sites, dict.fromkeys(gates.names(), keep), {}, dense, static)
+    gated = GatedModel(lm.model, gates, cfg, keep=plan.keep, dense_macs=dense)
+    return gated, plan
+
+
+def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: GateConfig, schedule: GateSchedule,
+                train_cfg: TrainConfig, out_dir: str | Path, resume: str | None = "auto",
+                progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, dict[str, Any]]:
+    """The whole gated sequence on ``lm`` (trained in place); returns the plan and the run's metrics.
+
+    ``train_cfg.distill`` > 0 distils from a copy of the dense starting model. Resumable: the warm-up is skipped
+    when ``out_dir`` already holds a training checkpoint (the predictors' weights are in it)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    teacher = copy.deepcopy(lm.model).eval() if train_cfg.distill > 0 else None
+    gated, gplan = prepare_gates(lm, cfg, schedule)
+    metrics: dict[str, Any] = {"gates": len(gplan.sites), "keep": next(iter(gplan.keep.values())),
+                               "schedule": schedule.to_dict(), "gate_config": cfg.to_dict(),
+                               "static": gplan.static is not None}
+    resuming = resume is not None and (out / CHECKPOINT_NAME).is_file()
+    if schedule.warmup_batches and not resuming:
+        batches = [(x, y) for x, y, _ in iterate_batches(data, train_cfg.batch_size, lm.pre.mean, lm.pre.std)]
+        batches = batches[: schedule.warmup_batches]
+        metrics["warmup_fit_loss"] = fit_predictors(gated, batches, epochs=1, lr=schedule.warmup_lr)
+        log.info("gate warm-up: fit loss %s", metrics["warmup_fit_loss"])
+    ramp = GateRamp(gated, gplan.keep, schedule.ramp)
+    points = discover(lm.model, lm.pre)
+    res = train(lm.model, data, train_cfg, points, lm.pre, out, val, resume, masked=gated, progress=progress,
+                teacher=teacher, controller=ramp)
+    metrics["history"] = res.history
+    metrics["train_seconds"] = res.seconds
+    plan_g = gplan
+    if val is not None:
+        plan_g, cal = calibrate_gates(gated, gplan, cached_batches(val, lm.pre), schedule.target)
+        metrics["calibration"] = cal
+    gated.remove()
+    plan = Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
+                target=schedule.target, calibration=metrics.get("calibration", {}), preprocessing=lm.pre,
+                gates=plan_g)
+    metrics["seconds"] = time.perf_counter() - t0
+    return plan, metrics
+
+
+def train_static(lm: LoadedModel, data: ImageSet, val: ImageSet | None, static_target: float,
+                 train_cfg: TrainConfig, out_dir: str | Path, resume: str | None = "auto",
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The static baseline as one sequence: L1 filter pruning of ``lm.model`` to ``static_target`` (channels
+    really removed: ``lm.model`` is replaced by the slim model), then training (``train_cfg.distill`` > 0:
+    distilled from the dense starting model). Returns the static plan (to store with the weights) and metrics.
+    Resumable: the plan is a pure function of the starting weights, so a resumed run slims identically."""
+    from instaprune.baselines.static import slim, static_plan
+
+    if not 0.0 < static_target < 1.0:
+        raise ConfigError(f"static target must be in (0, 1), got {static_target}")
+    t0 = time.perf_counter()
+    teacher = copy.deepcopy(lm.model).eval() if train_cfg.distill > 0 else None
+    sp = static_plan(lm.model, example_input(lm), static_target)
+    lm.model = slim(lm.model, sp)
+    points = discover(lm.model, lm.pre)
+    res = train(lm.model, data, train_cfg, points, lm.pre, Path(out_dir), val, resume, progress=progress,
+                teacher=teacher)
+    metrics = {"method": "static L1-norm filter pruning (Li et al. 2017), block-internal channels, slimmed",
+               "static_target": static_target, "flops_reduction": sp.reduction, "macs": sp.macs,
+               "dense_macs": sp.dense_macs, "history": res.history, "seconds": time.perf_counter() - t0}
+    return sp.to_dict(), metrics
+
+
+@torch.no_grad()
+def _run(gated: GatedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    gated.eval()
+    correct = seen = 0
+    macs = 0.0
+    for x, y in batches:
+        out = gated(x)
+        correct += int((out.argmax(1) == y).sum())
+        macs += float(gated.instance_macs().sum())
+        seen += len(y)
+    return correct / seen, 1.0 - (macs / seen + gated.overhead_macs()) / gated.dense_macs
+
+
+def calibrate_gates(gated: GatedModel, plan: GatePlan, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    target: float, tolerance: float = 0.01) -> tuple[GatePlan, dict[str, Any]]:
+    """Held-out check of a top-k plan, or for threshold selection: the running thresholds as the per-gate shape,
+    one shared scale bisected so the held-out mean FLOPs reduction hits ``target``."""
+    from dataclasses import replace
+
+    if plan.config.selection == "topk":
+        gated.set_keep(plan.keep)
+        top1, red = _run(gated, batches)
+        return plan, {"selection": "topk", "top1": top1, "flops_reduction": red}
+    gated.running_taus = False
+    taus = dict(gated.taus)
+
+    def at(scale: float) -> tuple[float, float]:
+        gated.scale = scale
+        return _run(gated, batches)
+
+    lo, hi = 0.0, 1.0
+    top1, red = at(hi)
+    while red < target and hi < 1e4:
+        lo, hi = hi, hi * 2
+        top1, red = at(hi)
+    best = (hi, top1, red)
+    for _ in range(25):
+        if abs(best[2] - target) <= tolerance / 2:
+            break
+        mid = (lo + hi) / 2
+        t, r = at(mid)
+        lo, hi = (mid, hi) if r < target else (lo, mid)
+        if abs(r - target) < abs(best[2] - target):
+            best = (mid, t, r)
+    scale, top1, red = best
+    gated.scale = 1.0
+    new = replace(plan, taus={n: t * scale for n, t in taus.items()})
+    gated.taus = dict(new.taus)
+    return new, {"selection": "threshold", "top1": top1, "flops_reduction": red, "scale": scale}
