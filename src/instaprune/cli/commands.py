@@ -238,7 +238,10 @@ def _train_gated(args: argparse.Namespace, env, lm, data, val, cfg, out: Path) -
 def _num_classes(model) -> int:
     import torch
 
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    from instaprune.method.gates import GATES_ATTR
+
+    last = [m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.startswith(GATES_ATTR)]
     return last[-1].out_features if last else 0
 
 

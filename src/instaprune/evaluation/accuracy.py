@@ -21,7 +21,7 @@ from instaprune.method.masked import MaskedModel
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
 
-__all__ = ["EvalResult", "evaluate", "accuracy_vs_flops"]
+__all__ = ["EvalResult", "evaluate", "accuracy_vs_flops", "dynamic_model"]
 
 
 @dataclass
@@ -31,12 +31,20 @@ class EvalResult:
     per_point: list[dict[str, Any]] = field(default_factory=list)  # name, channels, keep_mean, keep_cv, cv
 
 
+def _units(dyn: nn.Module) -> list[tuple[str, int]]:
+    """(name, channels) of every place a dynamic model masks: post-hoc points or gates."""
+    if isinstance(dyn, MaskedModel):
+        return [(p.name, p.channels) for p in dyn.selected]
+    return [(s.name, s.channels) for s in dyn.gates]
+
+
 @torch.no_grad()
 def _run(net: nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int,
-         masked: MaskedModel | None = None) -> dict[str, torch.Tensor]:
+         masked: nn.Module | None = None) -> dict[str, torch.Tensor]:
     net.eval()
     conf, correct, macs = [], [], []
     keep: dict[str, list[torch.Tensor]] = {}
+    units = _units(masked) if masked is not None else []
     for x, y, _ in iterate_batches(data, batch_size, pre.mean, pre.std):
         p = net(x).softmax(1)
         c, pred = p.max(1)
@@ -44,13 +52,25 @@ def _run(net: nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int,
         correct.append(pred == y)
         if masked is not None:
             macs.append(masked.instance_macs())
-            for p_ in masked.selected:
-                keep.setdefault(p_.name, []).append(masked.active[p_.name].double() / p_.channels)
+            for name, ch in units:
+                keep.setdefault(name, []).append(masked.active[name].double() / ch)
     out = {"confidence": torch.cat(conf), "correct": torch.cat(correct)}
     if masked is not None:
         out["macs"] = torch.cat(macs)
         out.update({f"keep/{k}": torch.cat(v) for k, v in keep.items()})
     return out
+
+
+def dynamic_model(model: nn.Module, points: PointReport, plan: Plan, pre: Preprocessing) -> nn.Module:
+    """The reference dynamic model of ``plan``: gates (:class:`~instaprune.method.gates.GatedModel`) or the
+    post-hoc points (:class:`MaskedModel`). Call ``remove()`` on it when done."""
+    plan.check(points)
+    if plan.gates is not None:
+        from instaprune.method.gates import find_gates, gated_from_plan
+
+        x = torch.zeros(1, len(pre.mean), pre.input_size, pre.input_size)
+        return gated_from_plan(model, find_gates(model, x), plan.gates, plan.scale)
+    return MaskedModel(model, points, plan.taus, plan.thresholds, plan.scale)
 
 
 def evaluate(
@@ -69,27 +89,36 @@ def evaluate(
         metrics["baseline_top1"] = float(baseline_top1)
     if plan is None or points is None:
         return EvalResult(metrics, {"dense_correct": dense["correct"], "dense_confidence": dense["confidence"]})
-    plan.check(points)
-    masked = MaskedModel(model, points, plan.taus, plan.thresholds, plan.scale)
+    masked = dynamic_model(model, points, plan, pre)
+    dense_macs = masked.dense_macs if plan.gates is not None else points.dense_macs
     try:
         dyn = _run(masked, data, pre, batch_size, masked)
         overhead = masked.overhead_macs()
+        units = dict(_units(masked))
     finally:
         masked.remove()
     metrics["top1"] = float(dyn["correct"].double().mean())
-    metrics.update(reduction_summary(dyn["macs"], points.dense_macs, overhead))
+    metrics.update(reduction_summary(dyn["macs"], dense_macs, overhead))
+    if plan.gates is not None:
+        metrics["method"] = "gates"
+        metrics["gate_selection"] = plan.gates.config.selection
     metrics["plan_scale"] = plan.scale
     if baseline_top1 is not None:
         metrics["top1_drop"] = float(baseline_top1) - metrics["top1"]
     per_point = []
-    for p in points:
-        if p.name not in plan.taus:
-            continue
-        r = dyn[f"keep/{p.name}"]
-        per_point.append({"name": p.name, "channels": p.channels, "macs_share": p.macs / points.dense_macs,
-                          "tau": plan.taus[p.name], "keep_mean": float(r.mean()),
+    sites = {g.name: g for g in plan.gates.sites} if plan.gates is not None else {}
+    by_point = points.by_name()
+    for name, channels in units.items():
+        r = dyn[f"keep/{name}"]
+        if name in sites:
+            macs = sum(sites[name].producer_macs) + sites[name].consumer_macs
+            tau = plan.gates.taus.get(name, plan.gates.keep.get(name, 0.0))
+        else:
+            macs, tau = by_point[name].macs, plan.taus[name]
+        per_point.append({"name": name, "channels": channels, "macs_share": macs / dense_macs, "tau": tau,
+                          "keep_mean": float(r.mean()),
                           "keep_cv": float(r.std(unbiased=False) / r.mean()) if float(r.mean()) > 0 else 0.0,
-                          "cv": plan.cv.get(p.name)})
+                          "cv": plan.cv.get(name)})
     flops = 2 * (dyn["macs"] + overhead)
     per_instance = {"flops": flops, "confidence": dyn["confidence"], "correct": dyn["correct"],
                     "dense_correct": dense["correct"], "dense_confidence": dense["confidence"]}
@@ -99,14 +128,14 @@ def evaluate(
 def accuracy_vs_flops(model: nn.Module, data: ImageSet, pre: Preprocessing, points: PointReport, plan: Plan,
                       scales: Sequence[float], batch_size: int = 256) -> list[dict[str, float]]:
     """Accuracy vs FLOPs reduction obtained by moving the plan's global threshold scale (one pass per scale)."""
-    plan.check(points)
-    masked = MaskedModel(model, points, plan.taus, plan.thresholds)
+    masked = dynamic_model(model, points, plan, pre)
+    dense_macs = masked.dense_macs if plan.gates is not None else points.dense_macs
     rows = []
     try:
         for s in scales:
             masked.scale = float(s)
             dyn = _run(masked, data, pre, batch_size, masked)
-            red = reduction_summary(dyn["macs"], points.dense_macs, masked.overhead_macs())["flops_reduction"]
+            red = reduction_summary(dyn["macs"], dense_macs, masked.overhead_macs())["flops_reduction"]
             rows.append({"scale": float(s), "flops_reduction": red, "top1": float(dyn["correct"].double().mean())})
     finally:
         masked.remove()

@@ -67,7 +67,7 @@ def layer_macs(model: nn.Module, example_input: torch.Tensor, with_input_shapes:
         return f
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not name.startswith("instaprune_gates."):  # gate predictors
             handles.append(m.register_forward_hook(hook(name)))
     was = model.training
     model.eval()

@@ -43,6 +43,7 @@ from torch import nn
 
 from instaprune.core.errors import ConfigError, ModelError, PlanMismatchError
 from instaprune.method.flops import layer_macs
+from instaprune.method.points import GATES_ATTR
 from instaprune.method.regularizer import PENALTIES, penalty
 from instaprune.method.thresholds import saliency
 
@@ -68,8 +69,6 @@ __all__ = [
 GATE_SELECTIONS = ("topk", "threshold")
 GATE_MULTIPLIERS = ("hard", "ste", "value")
 GATE_PREDICTORS = ("linear", "bottleneck")
-#: attribute under which the predictors are attached to the model (so they live in its state dict)
-GATES_ATTR = "instaprune_gates"
 
 _CHANNELWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU,
                 nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
@@ -676,7 +675,7 @@ def fit_predictors(gated: GatedModel, batches: Iterable[tuple[torch.Tensor, torc
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(x)
+                tot += float(loss.detach()) * len(x)
                 n += len(x)
             losses.append(tot / max(n, 1))
     finally:

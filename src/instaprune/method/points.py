@@ -29,6 +29,9 @@ __all__ = ["PrunePoint", "PointReport", "find_prune_points", "SHORTCUT_PATTERNS"
 
 log = logging.getLogger(__name__)
 
+#: attribute under which gate predictors hang in a model (``method.gates``); discovery never treats them as layers
+GATES_ATTR = "instaprune_gates"
+
 #: name patterns of downsampling shortcut convs (torchvision ``downsample``, CIFAR ``shortcut``): off by default.
 SHORTCUT_PATTERNS: tuple[str, ...] = ("*downsample*", "*shortcut*")
 
@@ -151,6 +154,7 @@ def find_prune_points(
 
         return hook
 
+    modules = {n: m for n, m in modules.items() if not (n == GATES_ATTR or n.startswith(GATES_ATTR + "."))}
     for name, m in modules.items():
         if name and not list(m.children()):  # leaf modules only
             handles.append(m.register_forward_hook(post_hook(name)))
