@@ -1,5 +1,6 @@
 """Static baseline: L1-norm filter pruning of block-internal channels (Li et al., "Pruning Filters for Efficient
-ConvNets", ICLR 2017), to a FLOPs target, with the same MACs convention as the dynamic method (METHOD.md section 7).
+ConvNets", ICLR 2017), to a FLOPs target, with the same MACs convention as the dynamic method
+(docs/method.md sections 7 and 10).
 
 A *pair* is a residual block's ``conv1 -> bn1 -> (ReLU) -> conv2``: removing output filter c of ``conv1`` removes
 channel c of ``bn1`` and input channel c of ``conv2``. The MACs saved per removed filter are counted in BOTH the

@@ -1,4 +1,4 @@
-"""Latency measurement of the dynamic engine against the fastest honest dense model (METHOD.md section 8).
+"""Latency measurement of the dynamic engine against the fastest honest dense model (docs/method.md section 8).
 
 Used by ``benchmarks/engine_latency.py`` and the ``instaprune benchmark`` command:
 

@@ -232,7 +232,7 @@ class DynamicModel(nn.Module):
         return sum(by_name[n].overhead_macs for n in self.dynamic)
 
     def summary(self) -> dict[str, Any]:
-        """MACs and reductions of the last forward (METHOD.md section 7) and the strategies it used."""
+        """MACs and reductions of the last forward (docs/method.md section 7) and the strategies it used."""
         dense = float(self._table().dense_macs)
         over = self.overhead_macs() if self.dynamic else 0
         req = float(self.instance_macs().mean()) if self.dynamic else dense

@@ -1,4 +1,4 @@
-"""Evaluation of the dense model and of the masked dynamic model under a plan (METHOD.md section 7).
+"""Evaluation of the dense model and of the masked dynamic model under a plan (docs/method.md section 7).
 
 Returns plain data: a metrics dict (``dense_top1``, ``top1``, ``flops_reduction`` mean/p10/p50/p90,
 ``overhead_macs``, ``theoretical_speedup``, per-point keep ratios and their CV across instances) and the

@@ -1,4 +1,4 @@
-"""Streaming saliency statistics and the coefficient of variation (METHOD.md sections 2 and 5).
+"""Streaming saliency statistics and the coefficient of variation (docs/method.md sections 2 and 5).
 
 For each prune point we keep, per channel, the count, sum and sum of squares of the saliency over instances
 (float64). Memory does not grow with the number of images; two statistics merge by addition, and across

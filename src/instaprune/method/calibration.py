@@ -1,4 +1,4 @@
-"""Calibration of per-point thresholds to a FLOPs target (METHOD.md section 6).
+"""Calibration of per-point thresholds to a FLOPs target (docs/method.md section 6.1).
 
 Two searches, both on a held-out calibration split (never the test split):
 

@@ -1,4 +1,4 @@
-"""The one FLOPs convention of the project (METHOD.md section 7). Everything else asks this module.
+"""The one FLOPs convention of the project (docs/method.md section 7). Everything else asks this module.
 
 - We count MACs (multiply-adds) of Conv2d and Linear layers; FLOPs = 2 x MACs.
 - Dense counts equal ``torch.utils.flop_counter.FlopCounterMode`` / 2 (checked in the tests on every model).

@@ -1,4 +1,4 @@
-"""Saliency, dynamic thresholds and the masked *reference* dynamic model (METHOD.md sections 2, 4, 7).
+"""Saliency, dynamic thresholds and the masked *reference* dynamic model (docs/method.md sections 2, 4 and 7).
 
 The masked model zeroes each instance's weak channels at the selected prune points (forward pre-hooks on the
 consumers) and counts the MACs each instance would cost. It computes everything densely: it defines *what* is

@@ -1,4 +1,4 @@
-"""Prune-point discovery (METHOD.md section 1).
+"""Prune-point discovery (docs/method.md section 1).
 
 A *prune point* is the input X of one consuming layer (a ``Conv2d``, or a ``Linear`` reading a flat feature vector).
 Pruning channel c at that point means the consumer treats X[c] as zero; other readers of the same tensor (e.g. a

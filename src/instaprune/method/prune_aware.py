@@ -1,10 +1,10 @@
-"""Prune-aware fine-tuning with a FLOPs-target controller (METHOD.md section 6).
+"""Prune-aware fine-tuning with a FLOPs-target controller (docs/method.md section 6.3).
 
 In the prune-aware phase the calibrated masks are applied in the forward pass (:class:`~instaprune.masked.
 MaskedModel`), so the network learns to do without each image's weak channels. Two things go wrong with fixed
 thresholds: the saliency distribution moves while the network adapts, so the FLOPs actually skipped drift away
-from the target (with a penalty on, sparsity ran away on ResNet-20, METHOD.md section 6), and switching every mask
-on at once costs most of the accuracy in the first steps (calibration alone: 0.17 holdout top-1 at 60%).
+from the target (with a penalty on, sparsity ran away on ResNet-20, docs/method.md section 6.3), and switching every
+mask on at once costs most of the accuracy in the first steps (calibration alone: 0.17 holdout top-1 at 60%).
 
 :class:`TargetController` fixes both with one knob, the masked model's global ``scale`` on every tau: after each
 optimizer step it reads the batch's measured FLOPs reduction and moves ``log(scale)`` in proportion to the gap to

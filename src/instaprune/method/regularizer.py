@@ -1,4 +1,4 @@
-"""Feature-decay regularisation (METHOD.md section 3): an ordinary loss term, attachable to any model.
+"""Feature-decay regularisation (docs/method.md section 3): an ordinary loss term, attachable to any model.
 
     loss = CE + lambda * sum_l w_l * mean_i pen(s[i,l,:])
 
