@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from runinfo import ROOT, run_meta
+from _common import ROOT, run_meta
 
 OUT = ROOT / "results" / "demo_variants"
 

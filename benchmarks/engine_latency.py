@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _common import ROOT, run_meta
+from engine_latency_report import render
 from instaprune.core.io import atomic_write_json, atomic_write_text
 from instaprune.engine._kernels import SparseInputConv2d, fold_bn
 from instaprune.engine._modules import DynamicConv2d, EngineContext, FoldedConv2d
@@ -57,10 +59,6 @@ from instaprune.method.plan import Plan
 from instaprune.method.points import find_prune_points
 from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models import build_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_latency_report import render  # noqa: E402
-from runinfo import ROOT, run_meta  # noqa: E402
 
 DEFAULTS = {  # relative to the repository (../shared is the project's shared data directory)
     "cifar_test": "../shared/data/cifar10-test-jpeg",

@@ -40,38 +40,29 @@ from pathlib import Path
 
 import torch
 
+from _common import run_meta
 from instaprune.core.io import atomic_write_json, atomic_write_text
-from instaprune.method.calibration import CalibrationConfig, Evaluator, calibrate, recalibrate_batchnorm
+from instaprune.method.analysis import ratio_quantiles
+from instaprune.method.calibration import (
+    CalibrationConfig,
+    Evaluator,
+    bisect_scale,
+    calibrate,
+    recalibrate_batchnorm,
+)
 from instaprune.method.masked import MaskedModel
 from instaprune.method.prune_aware import PruneAwareConfig, TargetController
 from instaprune.method.regularizer import FeatureDecayConfig
-from instaprune.method.thresholds import ThresholdConfig, reference, saliency
+from instaprune.method.thresholds import ThresholdConfig, saliency
 from instaprune.pipeline.stages import cached_batches, discover, load_model, load_split
-from instaprune.training.loop import TrainConfig, train
-from runinfo import run_meta
+from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
 
-@torch.no_grad()
 def uniform_taus(model, names, batches, q: float, mode: str) -> dict[str, float]:
-    """Per point: the q-quantile of the dense ``s/ref`` values (every point drops about a fraction q)."""
-    vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    mods = dict(model.named_modules())
-
-    def hook(n):
-        def fn(m, args):
-            s = saliency(args[0].float())
-            vals[n].append((s / reference(s, mode).clamp_min(1e-12)).flatten())
-        return fn
-
-    hs = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return {n: float(torch.quantile(torch.cat(v)[:50_000].double(), q)) for n, v in vals.items()}
+    """Per point: the q-quantile of the dense ``s/ref`` values (every point drops about a fraction q); the
+    calibration ladders' quantiles (``instaprune.method.analysis.ratio_quantiles``: at most 50,000 values per point,
+    a seeded random sample; runs before this used the first 50,000)."""
+    return {n: v[0] for n, v in ratio_quantiles(model, names, batches, [q], mode).items()}
 
 
 class PerPointController(TargetController):
@@ -185,44 +176,23 @@ class RescaledMasks(MaskedModel):
         return m * gain[:, None].to(x.dtype)
 
 
-@torch.no_grad()
-def plain_top1(model, batches) -> float:
-    model.eval()
-    c = n = 0
-    for x, y in batches:
-        c += int((model(x).argmax(1) == y).sum())
-        n += len(y)
-    return c / n
-
-
 def masked_top1_at(masked: MaskedModel, batches, target: float, tol: float = 0.01) -> dict:
-    """Bisect the global scale so the holdout reduction is ``target``; top-1 there."""
-    ev = Evaluator(masked, batches)
+    """The global scale bisected so the holdout reduction is ``target`` (the library's ``bisect_scale``; runs
+    before it used a copy that started at scale 1); top-1 and the mean keep ratio per point there."""
     taus = dict(masked.taus)
-    lo, hi = 0.0, 1.0
-    while ev.run(taus, hi).flops_reduction < target and hi < 1e4:
-        lo, hi = hi, hi * 2
-    best = None
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        e = ev.run(taus, mid)
-        if best is None or abs(e.flops_reduction - target) < abs(best[1].flops_reduction - target):
-            best = (mid, e)
-        if abs(e.flops_reduction - target) <= tol / 2:
-            break
-        lo, hi = (mid, hi) if e.flops_reduction < target else (lo, mid)
-    masked.set_taus(taus, best[0])
-    keep = {}
+    scale, e = bisect_scale(Evaluator(masked, batches), taus, target, tol)
+    masked.set_taus(taus, scale)
+    keep: dict[str, float] = {}
     masked.eval()
+    n = 0
     with torch.no_grad():
-        n = 0
         for x, _ in batches:
             masked(x)
             for p, a in masked.active.items():
                 keep[p] = keep.get(p, 0.0) + float(a.sum())
             n += x.shape[0]
     ch = {p.name: p.channels for p in masked.selected}
-    return {"scale": best[0], "top1": best[1].top1, "flops_reduction": best[1].flops_reduction,
+    return {"scale": scale, "top1": e.top1, "flops_reduction": e.flops_reduction,
             "keep_ratio": {p: v / n / ch[p] for p, v in keep.items()}}
 
 
@@ -251,14 +221,14 @@ def run_variant(args, variant: str) -> dict:
     t0 = time.perf_counter()
     if variant.startswith("static"):
         st = StaticMasks(lm.model, points, names, hb, args.target)
-        before = plain_top1(lm.model, hb)
+        before = evaluate_top1(lm.model, hsub, lm.pre)
         res = train(lm.model, sub, cfg, points, lm.pre, None, None, None)
         red = 1 - st.macs / points.dense_macs
         return {"variant": variant, "points": len(names), "train_seconds": time.perf_counter() - t0,
                 "history": [{k: h[k] for k in ("epoch", "train_loss", "train_top1") if k in h} for h in res.history],
                 "holdout_before_training": {"top1": before, "flops_reduction": red},
-                "holdout": {"top1": plain_top1(lm.model, hb), "flops_reduction": red},
-                "holdout_bn_recal": {"top1": plain_top1(lm.model, hb), "flops_reduction": red}}
+                "holdout": {"top1": evaluate_top1(lm.model, hsub, lm.pre), "flops_reduction": red},
+                "holdout_bn_recal": {"top1": evaluate_top1(lm.model, hsub, lm.pre), "flops_reduction": red}}
     if variant.startswith("topk"):
         taus = {n: 2.0 for n in names}  # above every s/max: only the floor is kept
     if variant.startswith("hybrid"):  # static cut to NN% first, then dynamic thresholds for the rest

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runinfo import run_meta  # noqa: E402
-from study_runner import ROOT, Stage, run_stage  # noqa: E402
+from _common import ROOT, Stage, run_meta, run_stage
 
 TEST = "../shared/data/cifar10-test-jpeg"
 

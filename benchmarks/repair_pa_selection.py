@@ -27,9 +27,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_study import ROOT, Stage, run_stage  # noqa: E402
-from study_runner import recorded_args  # noqa: E402
+from _common import ROOT, Stage, recorded_args, run_stage
 
 
 def sh(cmd: list[str], log: Path) -> None:

@@ -15,9 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runinfo import run_meta  # noqa: E402
-from study_runner import ROOT, Stage, recorded_args, run_stage  # noqa: E402
+from _common import ROOT, Stage, recorded_args, run_meta, run_stage
 
 
 def _replicate(w: Path, stage: str, seed: int, out: Path) -> None:

@@ -1,22 +1,32 @@
 """The CIFAR-10 study's result logic: paired bootstrap intervals and matched/interpolated rows."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cifar10_report import (  # noqa: E402
-    diagnosis,
-    goals_summary,
-    method_diagnosis,
-    method_rows,
-    paired_bootstrap,
-    per_instance,
-)
 from instaprune.evaluation.report import write_markdown
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(name: str):
+    """A benchmark module by file path, as ``python benchmarks/<script>.py`` would import it (no sys.path edit)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+common = _bench("_common")  # cifar10_study imports it as a sibling module
+st = _bench("cifar10_study")
+diagnosis, goals_summary, method_diagnosis = st.diagnosis, st.goals_summary, st.method_diagnosis
+method_rows, paired_bootstrap, per_instance = st.method_rows, st.paired_bootstrap, st.per_instance
 
 
 def test_paired_bootstrap_interval():
@@ -70,8 +80,6 @@ def _plan(d: Path, top1: float, taus=None, points=None) -> None:
 
 
 def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
-    import cifar10_study as st
-
     w = tmp_path / "resnet20"
     names = lambda s: {x.name for x in s}  # noqa: E731
     plan = st.stages("resnet20", tmp_path, "tr", "te", st.choose(tmp_path))
@@ -136,8 +144,6 @@ def test_rows_carry_latency(tmp_path):
 
 
 def test_choice_score_reads_the_calibration_curve(tmp_path):
-    import cifar10_study as st
-
     d = tmp_path / "cal"
     _plan(d, 0.2)
     p = json.loads((d / "plan.json").read_text())
@@ -154,22 +160,20 @@ def test_runner_sees_other_processes_stages(tmp_path):
     """A stage another live process writes (``--output-dir <dir>`` on its command line) counts as busy."""
     import subprocess
 
-    import cifar10_study as st
-
     out = tmp_path / "pa_x_0.6"
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--output-dir", str(out)])
     try:
         for _ in range(50):  # the child's command line is visible once it has exec'd
-            if st._busy(out):
+            if common.is_busy(out):
                 break
             __import__("time").sleep(0.1)
-        dirs = st._busy_dirs()
-        assert str(out) in dirs and st._busy(out, dirs)
-        assert not st._busy(tmp_path / "other", dirs)
+        dirs = common.busy_dirs()
+        assert str(out) in dirs and common.is_busy(out, dirs)
+        assert not common.is_busy(tmp_path / "other", dirs)
     finally:
         p.kill()
         p.wait()
-    assert not st._busy(out)
+    assert not common.is_busy(out)
 
 
 def test_method_diagnosis_reads_the_evaluation_report(tmp_path):
@@ -222,7 +226,7 @@ def test_stage_cost_survives_a_killed_attempt_and_accumulates(tmp_path, monkeypa
     import threading
     import time
 
-    import study_runner as st
+    st = common
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
     monkeypatch.setattr(st, "stage_command", lambda s: [sys.executable, "-c", burn, "--output-dir", str(s.out)])

@@ -22,9 +22,9 @@ from torch import nn
 
 from instaprune.core.errors import ConfigError
 from instaprune.method.points import PointReport
-from instaprune.method.thresholds import saliency
+from instaprune.method.thresholds import reference, saliency
 
-__all__ = ["SaliencyStats", "analyze", "select_points"]
+__all__ = ["SaliencyStats", "analyze", "select_points", "ratio_quantiles"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,53 @@ def analyze(
             h.remove()
         model.train(was_training)
     return stats.all_reduce()
+
+
+@torch.no_grad()
+def ratio_quantiles(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    qs: Sequence[float],
+    mode: str,
+    max_images: int | None = None,
+    max_values: int = 50_000,
+) -> dict[str, list[float]]:
+    """Per point, the ``qs`` quantiles of the dense model's ``s / ref(s)`` over the images of ``batches`` (up to
+    ``max_images``; at most ``max_values`` values per point, a seeded random sample): tau ``quantile(q)`` drops
+    about a fraction q of that point's channels. The calibration ladders are these quantiles."""
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def fn(m: nn.Module, args: tuple) -> None:
+            s = saliency(args[0].float())
+            values[name].append((s / reference(s, mode).clamp_min(1e-12)).flatten())
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for batch in batches:
+            model(batch[0])
+            seen += batch[0].shape[0]
+            if max_images is not None and seen >= max_images:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    q = torch.tensor(list(qs), dtype=torch.float64)
+    out = {}
+    for n, vals in values.items():
+        v = torch.cat(vals).double()
+        if v.numel() > max_values:
+            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:max_values]]
+        out[n] = torch.quantile(v, q).tolist()
+    return out
 
 
 def select_points(

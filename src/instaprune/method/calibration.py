@@ -34,12 +34,14 @@ from torch import nn
 
 from instaprune.core.config import Preprocessing
 from instaprune.core.errors import ConfigError
+from instaprune.method.analysis import ratio_quantiles
 from instaprune.method.masked import MaskedModel
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
-from instaprune.method.thresholds import ThresholdConfig, reference, saliency
+from instaprune.method.thresholds import ThresholdConfig
 
-__all__ = ["SEARCHES", "CalibrationConfig", "Evaluation", "Evaluator", "calibrate", "recalibrate_batchnorm"]
+__all__ = ["SEARCHES", "CalibrationConfig", "Evaluation", "Evaluator", "calibrate", "bisect_scale",
+           "recalibrate_batchnorm"]
 
 log = logging.getLogger(__name__)
 SEARCHES = ("greedy", "shared")
@@ -102,42 +104,12 @@ class Evaluator:
         return Evaluation(correct / seen, loss / seen, red)
 
 
-@torch.no_grad()
 def _ladders(model: nn.Module, points: PointReport, names: Sequence[str], batches, cfg: CalibrationConfig,
              max_values: int = 50_000) -> dict[str, list[float]]:
     """Per-point tau ladders from the dense distribution of s/ref (quantiles 1/steps apart)."""
-    values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    modules = dict(model.named_modules())
-    mode = cfg.thresholds.mode
-    model.eval()
-
-    def hook(name: str):
-        def fn(m: nn.Module, args: tuple) -> None:
-            s = saliency(args[0].float())
-            values[name].append((s / reference(s, mode).clamp_min(1e-12)).flatten())
-
-        return fn
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        seen = 0
-        for x, _ in batches:
-            model(x)
-            seen += x.shape[0]
-            if seen >= cfg.search_images:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-    q = torch.linspace(0, 1, cfg.ladder_steps + 1, dtype=torch.float64)[1:]
-    ladders = {}
-    for n, vals in values.items():
-        v = torch.cat(vals).double()
-        if v.numel() > max_values:
-            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:max_values]]
-        rungs = torch.quantile(v, q).tolist()
-        ladders[n] = sorted(set(rungs))
-    return ladders
+    q = torch.linspace(0, 1, cfg.ladder_steps + 1, dtype=torch.float64)[1:].tolist()
+    rungs = ratio_quantiles(model, names, batches, q, cfg.thresholds.mode, cfg.search_images, max_values)
+    return {n: sorted(set(r)) for n, r in rungs.items()}
 
 
 def _bisect(fn: Callable[[float], Evaluation], target: float, tol: float, hi: float = 1.0,
@@ -166,6 +138,13 @@ def _bisect(fn: Callable[[float], Evaluation], target: float, tol: float, hi: fl
         if abs(e.flops_reduction - target) < abs(best[1].flops_reduction - target):
             best = (mid, e)
     return best
+
+
+def bisect_scale(ev: Evaluator, taus: Mapping[str, float], target: float,
+                 tolerance: float = 0.01) -> tuple[float, Evaluation]:
+    """The global scale on ``taus`` at which the evaluator's batches reach a mean FLOPs reduction of ``target``
+    (within ``tolerance`` / 2, by bisection), and the evaluation there. Works with any :class:`MaskedModel`."""
+    return _bisect(lambda s: ev.run(taus, s), target, tolerance)
 
 
 def _greedy(ev: Evaluator, ladders: dict[str, list[float]], target: float, limit: int) -> dict[str, float]:

@@ -1,9 +1,17 @@
-"""The study's stage runner: one stage = one subprocess with its own output directory, up to N at once.
+"""What the scripts in ``benchmarks/`` share: the record every result file carries, and the study's stage runner.
 
-A stage is done when ``done.json`` (written by :func:`run_stage` on success) or its result file exists. Its cost
-(wall and CPU seconds, summed over attempts) is in ``cost.json``, written every ``COST_POLL_S`` while it runs, so
-an attempt killed with a session still counts. A stage whose output directory another live process writes (its
-``--output-dir`` on that process's command line) is busy and not started twice. Used by ``cifar10_study.py``.
+Run the scripts as ``python benchmarks/<script>.py``: Python puts the script's directory on ``sys.path``, so they
+import this module as ``_common`` (and everything else from the installed ``instaprune`` package).
+
+**Run record** (:func:`run_meta`): command, git commit and whether tracked files were changed, and the machine as
+:func:`instaprune.engine.bench.machine` sees it (torch, cores, CPU, platform, UTC date).
+
+**Stage runner** (:class:`Stage`, :func:`run_stage`, :func:`run_lanes`): one stage = one subprocess with its own
+output directory, up to N at once. A stage is done when ``done.json`` (written by :func:`run_stage` on success) or
+its result file exists. Its cost (wall and CPU seconds, summed over attempts) is in ``cost.json``, written every
+``COST_POLL_S`` while it runs, so an attempt killed with a session still counts. A stage whose output directory
+another live process writes (its ``--output-dir`` on that process's command line) is busy and not started twice.
+On success the stage's step checkpoints are deleted: they only serve resuming and are never committed.
 """
 
 from __future__ import annotations
@@ -14,13 +22,40 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from instaprune.core.io import atomic_write_json
+
+__all__ = ["ROOT", "git", "run_meta", "Stage", "stage_command", "recorded_args", "run_stage", "cost_of",
+           "run_lanes", "busy_dirs", "is_busy", "COST_POLL_S"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_SCRIPT = Path(__file__).resolve().parent / "cifar10_study.py"  # script stages run ``cifar10_study.py ...``
+
+
+def git(*args: str, default: str = "unknown") -> str:
+    """Output of ``git ARGS`` in the repository (``default`` when git is missing or fails)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return default
+
+
+def run_meta(script: str, argv: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """``command`` (``python benchmarks/<script> ARGV``), ``commit`` and ``git_dirty`` (tracked files changed),
+    then ``torch``, ``cores``, ``cpu``, ``platform`` and UTC ``date`` from the library's machine record;
+    ``extra`` fields are added last."""
+    from instaprune.engine.bench import machine
+
+    m = machine()
+    return {"command": " ".join([f"python benchmarks/{script}", *argv]), "commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "-uno", default="")),
+            **{k: m[k] for k in ("torch", "cores", "cpu", "platform", "date")}, **extra}
 
 
 @dataclass
@@ -41,7 +76,7 @@ class Stage:
         return (self.out / "done.json").is_file() or (self.out / self.done_file).is_file()
 
 
-def _busy_dirs() -> set[str]:
+def busy_dirs() -> set[str]:
     """The ``--output-dir`` values on the command lines of live processes other than this one (one /proc scan)."""
     dirs: set[str] = set()
     for d in Path("/proc").iterdir():
@@ -55,9 +90,9 @@ def _busy_dirs() -> set[str]:
     return dirs
 
 
-def _busy(out: Path, dirs: set[str] | None = None) -> bool:
+def is_busy(out: Path, dirs: set[str] | None = None) -> bool:
     """Another live process has ``--output-dir <out>`` on its command line."""
-    return str(out) in (_busy_dirs() if dirs is None else dirs)
+    return str(out) in (busy_dirs() if dirs is None else dirs)
 
 
 COST_POLL_S = 60.0
@@ -95,8 +130,6 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     cost = s.out / "cost.json"
     old = json.loads(cost.read_text()) if cost.is_file() else {}
     prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
-    from instaprune.core.io import atomic_write_json
-
     def record(seconds: float, cpu: float, **extra: object) -> dict:
         # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
         rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
@@ -167,12 +200,12 @@ def run_lanes(build: Callable[[], tuple[object, list[Stage]]], workdir: Path, la
         while True:  # the plan grows as choices are made on the holdout; up to lanes stages at once
             _, plan = build()
             by_name = {s.name: s for s in plan}
-            busy = _busy_dirs()
+            busy = busy_dirs()
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(only)
                      and s.quiet == latency and s.name not in ran
-                     and all(d in by_name and by_name[d].done() for d in s.deps) and not _busy(s.out, busy)]
+                     and all(d in by_name and by_name[d].done() for d in s.deps) and not is_busy(s.out, busy)]
             # stages of this model that other processes run (an earlier runner's children) take lanes too
-            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and _busy(s.out, busy))
+            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and is_busy(s.out, busy))
             for s in ready[: max(lanes - len(running) - foreign, 0)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, threads, dry)] = s.name
