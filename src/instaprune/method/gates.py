@@ -301,11 +301,13 @@ def _site_for(node: Any, name: str, modules: Mapping[str, nn.Module], calls: Map
     if first not in shapes or len(shapes[first]) != 4:
         return None, f"producer {first!r} did not run on a 4-d input"
     _, c_in, h, w = shapes[first]
-    if h * w == 1:
-        return None, "1x1 spatial input (squeeze-excitation or classifier): nothing worth a predictor"
     if modules[first].in_channels != c_in:
         return None, f"producer {first!r} input width does not match"
     consumer = modules[name]
+    work = sum(macs[p] for p in producers) + macs[name]
+    predictor = c_in * h * w + c_in * consumer.in_channels + consumer.in_channels
+    if predictor >= 0.5 * work:  # e.g. squeeze-excitation convs on a pooled 1x1 map
+        return None, f"a predictor ({predictor:,} MACs) would cost at least half of what it gates ({work:,} MACs)"
     return GateSite(name=name, producers=tuple(producers), channels=consumer.in_channels, in_channels=c_in,
                     in_height=h, in_width=w, producer_macs=tuple(macs[p] for p in producers),
                     consumer_macs=macs[name]), ""
@@ -409,6 +411,7 @@ class GatedModel(nn.Module):
         self.dense_macs = int(dense_macs if dense_macs is not None else gates.dense_macs)
         self._layer_macs = dict(gates.layer_macs)
         mods = dict(model.named_modules())
+        self._groups = {n: mods[n].groups for s in gates for n in (*s.producers, s.name)}
         self._handles = []
         for s in gates:
             self._handles.append(mods[s.producers[0]].register_forward_pre_hook(self._predict_hook(s)))
@@ -483,8 +486,9 @@ class GatedModel(nn.Module):
                 target = sal / sal.mean().clamp_min(1e-12)
                 self._aux.append(self.cfg.fit * F.mse_loss(g, target) / len(self.gates))
             out = x * mult.view(*mult.shape, 1, 1)
-            if training and self.cfg.decay > 0:
-                self._aux.append(self.cfg.decay * penalty(saliency(out.float()), self.cfg.penalty).mean()
+            if training and self.cfg.decay > 0:  # the paper's term on the gated channels: s(T * m) = |m| s(T)
+                sal = (x.float().pow(2).mean(dim=(2, 3)) + 1e-12).sqrt()  # eps: no infinite gradient at 0
+                self._aux.append(self.cfg.decay * penalty(sal * mult.float().abs(), self.cfg.penalty).mean()
                                  / (s.channels * len(self.gates)))
             return (out,) + tuple(args[1:])
 
@@ -518,15 +522,34 @@ class GatedModel(nn.Module):
         return fin, fout
 
     def instance_macs(self) -> torch.Tensor:
-        """Per-image MACs (without overhead) of the last forward."""
-        total = torch.full((self._batch,), float(self.dense_macs), dtype=torch.float64)
+        """Per-image MACs (without overhead) of the last forward: the model's own dense MACs (a slimmed model's
+        are below ``dense_macs``, the reference) minus what the gates skipped. A layer whose input and output are
+        both gated costs ``macs * k_in/C_in * k_out/C_out``; for a grouped conv only pairs in the same group
+        count, so it is counted from the masks group by group."""
+        total = torch.full((self._batch,), float(self.gates.dense_macs), dtype=torch.float64)
         if not self.active:
             return total
         fin, fout = self.fractions()
+        dw = self._dw()
         for layer in set(fin) | set(fout):
-            frac = fin.get(layer, 1.0) * fout.get(layer, 1.0) if layer not in self._dw() else fout[layer]
+            groups = self._groups.get(layer, 1)
+            if layer in dw:
+                frac = fout[layer]
+            elif groups > 1 and layer in fin and layer in fout:
+                frac = self._grouped_fraction(layer, groups)
+            else:
+                frac = fin.get(layer, 1.0) * fout.get(layer, 1.0)
             total = total - self._layer_macs[layer] * (1.0 - frac)
         return total
+
+    def _grouped_fraction(self, layer: str, groups: int) -> torch.Tensor:
+        """Fraction of a grouped conv's (input, output) channel pairs that are computed, per image."""
+        m_in = self.masks[layer].to(torch.float64)  # the gate whose consumer is ``layer``
+        m_out = next(self.masks[s.name] for s in self.gates if layer in s.producers).to(torch.float64)
+        n = m_in.shape[0]
+        k_in = m_in.view(n, groups, -1).sum(2)
+        k_out = m_out.view(n, groups, -1).sum(2)
+        return (k_in * k_out).sum(1) / (m_in.shape[1] * m_out.shape[1] / groups)
 
     def _dw(self) -> set[str]:
         return {p for s in self.gates for p in s.producers[1:]}
@@ -625,6 +648,7 @@ class GateRamp:
         return t if self.shape == "linear" else 0.5 * (1 - math.cos(math.pi * t))
 
     def step(self, progress: float, world_size: int = 1) -> float:
+        self.progress = float(progress)
         a = self.fraction(progress)
         self.gated.set_keep({n: 1.0 - (1.0 - k) * a for n, k in self.final.items()})
         return a
@@ -633,11 +657,15 @@ class GateRamp:
         keeps = list(self.gated.keep.values())
         return {"mean_keep": sum(keeps) / max(len(keeps), 1)}
 
-    def state_dict(self) -> dict[str, float]:
-        return {}
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: the progress (hence the budgets) and, for threshold
+        selection, the running thresholds."""
+        return {"progress": self.progress, "taus": dict(self.gated.taus), "tau_seen": dict(self.gated._tau_seen)}
 
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
-        return None
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step(float(state.get("progress", 0.0)))
+        self.gated.taus.update({str(k): float(v) for k, v in state.get("taus", {}).items()})
+        self.gated._tau_seen.update({str(k): bool(v) for k, v in state.get("tau_seen", {}).items()})
 
 
 def fit_predictors(gated: GatedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epochs: int = 1,
