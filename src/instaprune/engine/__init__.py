@@ -9,6 +9,8 @@ from instaprune._lazy import lazy_exports
 _EXPORTS = {
     "ENGINE_STRATEGIES": "dynamic",
     "DynamicModel": "dynamic",
+    "GatedEngine": "dynamic",
+    "GATE_STRATEGIES": "dynamic",
     "to_dynamic": "dynamic",
     "fold_dense": "dynamic",
     "CLOCKS": "bench",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from instaprune.core.errors import ConfigError
+from instaprune.engine._gated import GatedConv2d
 from instaprune.engine._linear import DynamicLinear
 from instaprune.engine._modules import DynamicConv2d
 from instaprune.engine.dynamic import DynamicModel, fold_dense, to_dynamic
@@ -37,7 +39,7 @@ from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
 
 __all__ = ["CLOCKS", "clock_for", "time_alternating", "dense_models", "dense_candidates", "breakdown",
-           "per_call_latency", "machine", "benchmark_plan"]
+           "per_call_latency", "machine", "benchmark_plan", "slim_gates"]
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 _CONV_OPS = ("conv", "addmm", "aten::mm", "aten::bmm", "embedding_bag", "aten::linear", "aten::matmul")
@@ -121,8 +123,8 @@ def breakdown(engine: DynamicModel | nn.Module, x: torch.Tensor, reps: int = 3,
     """Fractions of the forward's time spent in saliency / gather / conv / other (see module docs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    layers = [m for m in engine.modules() if isinstance(m, (DynamicConv2d, DynamicLinear))]
-    ctxs = list({id(m.ctx): m.ctx for m in layers}.values())
+    layers = [m for m in engine.modules() if isinstance(m, (DynamicConv2d, DynamicLinear, GatedConv2d))]
+    ctxs = list({id(c): c for c in (m._ctx if isinstance(m, GatedConv2d) else m.ctx for m in layers)}.values())
     run = run or (lambda: engine(x))
     for c in ctxs:
         c.profile = True
@@ -240,3 +242,62 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
             row["breakdown_ms"] = {k: v * row["dynamic_ms"] for k, v in frac.items()}
             rows.append(row)
     return rows
+
+
+def slim_gates(model: nn.Module, gates: Any, keep: dict[str, float], min_keep: float = 0.05) -> nn.Module:
+    """The statically slimmed yardstick of a gated plan: a copy of ``model`` (predictors dropped) in which every
+    gate's tensor has ``k = max(floor, round(keep * C))`` channels physically (the producers' output filters,
+    the BatchNorms on the chain, the depthwise channels and the consumer's input channels removed): the same
+    MACs as the gated model's top-k budget, without any gather. Which k channels stay does not matter for
+    timing (the first k). Grouped (non-depthwise) convs on a chain are not supported (ResNeXt)."""
+    from torch import fx
+
+    from instaprune.method.gates import GATES_ATTR
+
+    new = copy.deepcopy(model).eval()
+    if hasattr(new, GATES_ATTR):
+        delattr(new, GATES_ATTR)
+    gm = fx.symbolic_trace(new)
+    mods = dict(new.named_modules())
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    cin: dict[str, int] = {}
+    cout: dict[str, int] = {}
+    bns: dict[str, int] = {}
+    for s in gates:
+        k = max(1, min(s.channels, math.ceil(min_keep * s.channels)), min(s.channels, round(keep[s.name] * s.channels)))
+        cin[s.name] = k
+        for p in s.producers:
+            cout[p] = k
+        cur = nodes[s.name].args[0]
+        while not (cur.op == "call_module" and cur.target == s.producers[0]):
+            if cur.op == "call_module" and isinstance(mods[cur.target], nn.BatchNorm2d):
+                bns[cur.target] = k
+            cur = cur.args[0]
+    for name in set(cin) | set(cout):
+        c = mods[name]
+        dw = c.groups > 1 and c.groups == c.in_channels == c.out_channels
+        if c.groups > 1 and not dw:
+            raise ConfigError(f"slim_gates: grouped conv {name!r} on a gated chain is not supported")
+        ko = cout.get(name, c.out_channels)
+        ki = ko if dw else cin.get(name, c.in_channels)
+        nc = nn.Conv2d(ki, ko, c.kernel_size, c.stride, c.padding, c.dilation, ko if dw else 1,
+                       bias=c.bias is not None)
+        with torch.no_grad():
+            nc.weight.copy_(c.weight[:ko] if dw else c.weight[:ko, :ki])
+            if c.bias is not None:
+                nc.bias.copy_(c.bias[:ko])
+        _set_module(new, name, nc)
+    for name, k in bns.items():
+        b = mods[name]
+        nb = nn.BatchNorm2d(k, b.eps, b.momentum, b.affine, b.track_running_stats).eval()
+        with torch.no_grad():
+            for a in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(b, a, None) is not None:
+                    getattr(nb, a).copy_(getattr(b, a)[:k])
+        _set_module(new, name, nb)
+    return new.eval()
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

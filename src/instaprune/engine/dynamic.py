@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from instaprune.core.errors import ConfigError, ModelError
+from instaprune.engine._gated import GATE_STRATEGIES, GatedEngine, build_gated
 from instaprune.engine._graph import check_equal, rewrite
 from instaprune.engine._kernels import SparseInputConv2d, fold_bn
 from instaprune.engine._linear import DynamicLinear
@@ -44,7 +45,7 @@ from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport, find_prune_points
 from instaprune.method.thresholds import ThresholdConfig
 
-__all__ = ["ENGINE_STRATEGIES", "DynamicModel", "to_dynamic", "fold_dense"]
+__all__ = ["ENGINE_STRATEGIES", "GATE_STRATEGIES", "DynamicModel", "GatedEngine", "to_dynamic", "fold_dense"]
 
 log = logging.getLogger(__name__)
 _LAYOUT_TRIES = 3  # timed dense batch-1 calls per layout when a new input shape chooses its layout
@@ -259,7 +260,7 @@ def _taus(points: PointReport, plan: Plan | None,
 
 def to_dynamic(model: nn.Module, points: PointReport, plan: Plan | None = None, *, scale: float | None = None,
                strategy: str = "auto", channels_last: bool | None = None, check: bool = True,
-               tune: bool = True) -> DynamicModel:
+               tune: bool = True) -> DynamicModel | GatedEngine:
     """Build the fast dynamic model of ``model`` for ``plan`` (``None``: the BN-folded dense model).
 
     ``points`` is the model's :func:`find_prune_points` report (it fixes the MACs accounting); ``scale``
@@ -271,7 +272,17 @@ def to_dynamic(model: nn.Module, points: PointReport, plan: Plan | None = None, 
     and raises :class:`ModelError` on a mismatch. ``tune``: on channels_last batches ``auto`` times its
     candidate strategies on the first calls of each regime and keeps the fastest, and batch 1 times both
     layouts (``DynamicModel.warmup`` runs an input until that settles); False = the cost model alone, NCHW at
-    batch 1."""
+    batch 1.
+
+    A plan with gates (``plan.gates``) builds the gated engine instead (:class:`GatedEngine`, module
+    ``_gated``): predictors first, producers computing only the kept channels, consumers reading only them;
+    ``strategy`` is then one of ``GATE_STRATEGIES`` (``padded`` = ``grouped``). As in the reference
+    (``evaluation.accuracy.dynamic_model``), a gated plan's post-hoc taus are not used."""
+    if plan is not None and plan.gates is not None:
+        plan.check(points)
+        s = plan.scale if scale is None else float(scale)
+        return build_gated(model, tuple(points.input_shape), plan.gates, scale=s, strategy=strategy,
+                           channels_last=channels_last, check=check, tune=tune)
     taus, cfg = _taus(points, plan, scale)
     if strategy not in ENGINE_STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(ENGINE_STRATEGIES)}, got {strategy!r}")
