@@ -9,8 +9,8 @@ directories are picked up. Re-running skips done stages; an interrupted training
 skipped (busy).
 Nothing is chosen on the test split: the 5,000-image holdout of the training split is the calibration and
 validation split for every choice (see :func:`choose`). Stage directories live in ``results/study`` and are
-committed (model.pt, plans, metrics, logs; not the step checkpoints), so the study resumes on a fresh clone:
-a session's processes end with it, and so does every untracked file.
+committed (plans, metrics, per-image results, logs; of the weights only those listed in ``results/weights.json``),
+so the study resumes on a fresh clone: a session's processes end with it, and so does every untracked file.
 
     python benchmarks/cifar10_study.py run --model resnet20 [--only STAGE_PREFIX] [--threads 1] [--lanes 2] [--dry-run]
     python benchmarks/cifar10_study.py run --model resnet20 --latency   # timing stages, on an idle machine
@@ -50,8 +50,11 @@ the target is interpolated linearly between the two measured neighbours of the s
 ``interpolated``. ``ci95`` is a paired bootstrap (10,000 resamples of the 10,000 test images, seed 0) of
 ``top1 - baseline_top1``. Writes ``results/cifar10_<model>.{json,md}``, the plots, and ``RESULTS.md``.
 
-Weights: a finished stage's ``model.pt`` is only kept when a later stage or a reported row needs it (see
-``results/weights.json``); step checkpoints never are (``.gitignore``).
+Weights: stages load training outputs as ``model.safetensors`` (``instaprune train`` writes it beside
+``model.pt``; a calibration's re-estimated weights are ``model.pt``). Only the weights a later stage or a reported
+row needs are committed: the adapted baselines (every stage starts from them) and the method's rows (their
+``lat_*`` timing stages load them), listed with sha256 and command in ``results/weights.json``
+(``benchmarks/weights.py``); step checkpoints never are (``.gitignore``).
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ CHECKPOINTS = {"resnet20": "../shared/models/resnet20-cifar10.th", "resnet56": "
 #: prune-aware phase: masks on, penalty off, the FLOPs-target controller (ramp over its first 30%), a fresh
 #: cosine schedule at the fine-tune's learning rate; the static baseline gets the same two phases
 EPOCHS = {"adapt": 3, "finetune": 3, "prune_aware": 3}
+#: the weights a training stage leaves for the stages after it (``instaprune train`` writes both .pt and this)
+WEIGHTS = "model.safetensors"
 LR = 0.02
 PA_LR = 0.02
 #: threshold search of every calibration in the study. The first four prune-aware stages (session 5, greedy
@@ -214,7 +219,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     w = work / model
     n_points = len(point_names(model))
     common = ["--model", model, "--data-path", train_data, "--holdout", str(holdout), "-b", "128"]
-    adapted = str(w / "adapt" / "model.pt")
+    adapted = str(w / "adapt" / "model.safetensors")
     out: list[Stage] = [Stage("adapt", ["train", *common, "--checkpoint", CHECKPOINTS[model], "--epochs",
                                         str(ep["adapt"]), "--lr", str(LR), "--wd", "1e-4", "--lam", "0",
                                         "--checkpoint-every", "100", "--resume", "auto"],
@@ -236,7 +241,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
         deps = [f"ft_{cfg}"] + ([f"cal_{cfg}{sfx(mode, 'cv')}_{t}"] if sel == "rand" else [])
         # calibration alone re-estimates BatchNorm statistics under the masks (its strongest form; the weights
         # it writes beside the plan are the ones its evaluation loads)
-        args = None if sa is None else ["calibrate", *common, "--checkpoint", str(w / f"ft_{cfg}" / "model.pt"),
+        args = None if sa is None else ["calibrate", *common, "--checkpoint", str(w / f"ft_{cfg}" / WEIGHTS),
                                         "--target", str(t), "--mode", mode, *sa, "--search", SEARCH, "--bn-recal"]
         return Stage(name, args, w / name, "plan.json", deps)
 
@@ -245,7 +250,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
         sa = _select_args(model, work, cfg, mode, sel, t, n_points, prefix="pa_")
         deps = [f"ft_{cfg}"] + ([f"pa_{cfg}{sfx(mode, 'cv')}_{t}"] if sel == "rand" else [])
         args = None if sa is None else [
-            "train", *common, "--checkpoint", str(w / f"ft_{cfg}" / "model.pt"), "--epochs", "0", "--lr", str(LR),
+            "train", *common, "--checkpoint", str(w / f"ft_{cfg}" / WEIGHTS), "--epochs", "0", "--lr", str(LR),
             "--wd", "1e-4", "--lam", "0", "--prune-aware-epochs", str(ep["prune_aware"]), "--prune-aware-lr",
             str(PA_LR), "--target", str(t), "--mode", mode, *sa, "--search", SEARCH, "--checkpoint-every", "100",
             "--resume", "auto"]
@@ -262,7 +267,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
 
     def row(c: str, sel: str, t: float, prune_aware: bool) -> list[Stage]:
         s = pa(c, mode, sel, t) if prune_aware else cal(c, mode, sel, t)
-        return [s, ev(s, str(s.out / "model.pt"))]
+        return [s, ev(s, str(s.out / (WEIGHTS if prune_aware else "model.pt")))]  # calibrate writes model.pt
 
     if model == "resnet20":
         for cfg in GRID:  # each prune-aware stage right after its fine-tune: its first result comes early
@@ -279,7 +284,7 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
             # the pre-registered mode choice is made before the prune-aware phase; after it, relative-max
             # thresholds (the library default) scored higher on the holdout: their test row is shown beside
             src = pa(ch.cfg, "max", "all", CHOICE_TARGET)
-            out.append(ev(src, str(src.out / "model.pt")))
+            out.append(ev(src, str(src.out / WEIGHTS)))
     if ch.prune_aware is None:
         return out  # the rows wait for every choice (ResNet-56 waits for ResNet-20's)
     cfg, mode, sel = ch.cfg, ch.mode, ch.select
@@ -299,14 +304,14 @@ def stages(model: str, work: Path, train_data: str, test_data: str, ch: Choices,
     for t in TARGETS:
         s, e = row(cfg, sel, t, bool(ch.prune_aware))
         name = "lat_" + e.name[3:]
-        add([s, e, Stage(name, ["benchmark", "--model", model, "--checkpoint", str(s.out / "model.pt"), "--plan",
+        add([s, e, Stage(name, ["benchmark", "--model", model, "--checkpoint", str(s.out / WEIGHTS), "--plan",
                                 str(s.out / "plan.json"), "--data-path", test_data, "--batches", "1,32",
                                 "--threads", "1", "--max-images", "200"],
                          w / name, "benchmark.json", [e.name], quiet=True)])
     if model != "resnet20" and ch.prune_aware and ch.mode != "max":
         # the library default (relative-max thresholds) at the choice target, as on ResNet-20
         src = pa(cfg, "max", "all", CHOICE_TARGET)
-        add([src, ev(src, str(src.out / "model.pt"))])
+        add([src, ev(src, str(src.out / WEIGHTS))])
     for t in order:
         add([Stage(f"ev_static_{t}", ["static-stage", "--model", model, "--checkpoint", adapted, "--train-data",
                                       train_data, "--test-data", test_data, "--holdout", str(holdout), "--target",
@@ -835,7 +840,7 @@ def static_stage(a: argparse.Namespace, lr: float, pa_lr: float) -> int:
     from instaprune.evaluation.accuracy import evaluate
     from instaprune.method.regularizer import FeatureDecayConfig
     from instaprune.pipeline.stages import discover, load_model, load_split
-    from instaprune.training.checkpoint import save_checkpoint
+    from instaprune.training.checkpoint import save_safetensors
     from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
     t0 = time.perf_counter()
@@ -866,7 +871,7 @@ def static_stage(a: argparse.Namespace, lr: float, pa_lr: float) -> int:
     val_top1 = evaluate_top1(lm.model, val, lm.pre)
     for h in handles:
         h.remove()
-    save_checkpoint(out / "model.pt", lm.model, {"model_name": a.model, "preprocessing": lm.pre.to_dict()})
+    save_safetensors(out / WEIGHTS, lm.model, {"model_name": a.model, "preprocessing": lm.pre.to_dict()})
     atomic_write(out / "per_image.npz", lambda f: np.savez_compressed(f, correct=corr))
     top1 = float(corr.mean())
     atomic_write_json(out / "metrics.json", {

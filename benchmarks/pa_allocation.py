@@ -25,6 +25,9 @@ different threshold *shapes* and reports the learning curve and the masked holdo
 
     python benchmarks/pa_allocation.py --checkpoint results/study/resnet20/ft_l1max_0.05/model.pt \
         --data-path .data/cifar10-train-jpeg --variants shared,shared_nofc,uniform_nofc --out results/pa_allocation
+
+(those weights are no longer committed: ``results/weights.json`` names the commit that holds them and the command
+that regenerates them)
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) / a.model / a.target
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((all_st / "config.yaml").read_text())
-    baseline = w / "adapt" / "model.pt"
+    baseline = w / "adapt" / "model.safetensors"
     all_plan = json.loads((all_st / "plan.json").read_text())
     rand_plan = json.loads((rand_st / "plan.json").read_text())
     from instaprune.core.io import atomic_write_json, atomic_write_text
@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     nolin = {**all_plan, "selected": [p for p in all_plan["selected"] if p != "linear"],
              "taus": {k: v for k, v in all_plan["taus"].items() if k != "linear"}}
     atomic_write_json(out / "plan_all_without_linear.json", nolin)
-    cells = [("allw_randpts", all_st / "model.pt", rand_st / "plan.json", cfg),
-             ("randw_allpts", rand_st / "model.pt", all_st / "plan.json", cfg)]
-    cells.append(("allw_nolinear", all_st / "model.pt", out / "plan_all_without_linear.json", None))
+    # weights as instaprune train writes them; the random row's are not committed (results/weights.json says how
+    # to restore them), so the cells re-run only with that file in place
+    cells = [("allw_randpts", all_st / "model.safetensors", rand_st / "plan.json", cfg),
+             ("randw_allpts", rand_st / "model.safetensors", all_st / "plan.json", cfg)]
+    cells.append(("allw_nolinear", all_st / "model.safetensors", out / "plan_all_without_linear.json", None))
     lanes = [threading.Thread(target=lambda cs=cs: [_cell(n, out / n, a.model, wt, pl, baseline, c)
                                                     for n, wt, pl, c in cs]) for cs in (cells[::2], cells[1::2])]
     for t in lanes:  # two lanes, one thread each, as in the study

@@ -60,8 +60,8 @@ def main() -> int:
     start, recal = st / "prune_aware" / "start", st / "prune_aware" / "recal"
     c1 = ["calibrate", *common, "--checkpoint", cfg["checkpoint"], "--select", str(cfg["select"]),
           "--output-dir", str(start)]
-    c2 = ["calibrate", *common, "--checkpoint", str(st / "model.pt"), "--select", f"plan:{start / 'plan.json'}",
-          "--output-dir", str(recal)]
+    c2 = ["calibrate", *common, "--checkpoint", str(st / "model.safetensors"), "--select",
+          f"plan:{start / 'plan.json'}", "--output-dir", str(recal)]
     t0 = time.perf_counter()
     sh(c1, log)
     sh(c2, log)
@@ -77,7 +77,8 @@ def main() -> int:
         ev.rename(w / f"{ev_name}_reselected")
     args = recorded or [
         "evaluate", "--model", a.model, "--data-path", "../shared/data/cifar10-test-jpeg", "--checkpoint",
-        str(st / "model.pt"), "--plan", str(st / "plan.json"), "--baseline-checkpoint", str(w / "adapt" / "model.pt")]
+        str(st / "model.safetensors"), "--plan", str(st / "plan.json"), "--baseline-checkpoint",
+        str(w / "adapt" / "model.safetensors")]
     run_stage(Stage(ev_name, args, ev, "metrics.json"), 1, False)
     so, sn = set(old["selected"]), set(new["selected"])
     rec = {"why": "the final recalibration had re-selected CV top-k points on the trained weights",

@@ -23,11 +23,11 @@ def _replicate(w: Path, stage: str, seed: int, out: Path) -> None:
     if "--seed" in args:
         i = args.index("--seed")
         del args[i:i + 2]
-    tr = Stage(f"{stage}_seed{seed}", [*args, "--seed", str(seed)], out / "train", "model.pt")
+    tr = Stage(f"{stage}_seed{seed}", [*args, "--seed", str(seed)], out / "train", "model.safetensors")
     if not tr.done():
         run_stage(tr, 1, False)
     ev_args = recorded_args(w / f"ev_{stage}")
-    ev_args[ev_args.index("--checkpoint") + 1] = str(tr.out / "model.pt")
+    ev_args[ev_args.index("--checkpoint") + 1] = str(tr.out / "model.safetensors")
     ev_args[ev_args.index("--plan") + 1] = str(tr.out / "plan.json")
     ev = Stage(f"ev_{stage}_seed{seed}", ev_args, out / "evaluate", "metrics.json")
     if (tr.out / "done.json").is_file() and not ev.done():

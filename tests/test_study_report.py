@@ -118,7 +118,7 @@ def test_choices_on_holdout_and_stage_plan_growth(tmp_path):
     assert rand.args.count("--include") == 3 and "--prune-aware-epochs" in rand.args
     ev = {s.name: s for s in st.stages("resnet20", tmp_path, "tr", "te", ch)}["ev_pa_l21_0.05_mean_rand_0.3"]
     assert ev.args.count("--include") == 3  # evaluation sees the same points as the calibration
-    assert ev.args[ev.args.index("--checkpoint") + 1].endswith("pa_l21_0.05_mean_rand_0.3/model.pt")
+    assert ev.args[ev.args.index("--checkpoint") + 1].endswith("pa_l21_0.05_mean_rand_0.3/model.safetensors")
     assert plan["ev_static_0.6"].args[plan["ev_static_0.6"].args.index("--pa-epochs") + 1] == str(
         st.EPOCHS["prune_aware"])
     lat = plan["lat_pa_l21_0.05_mean_all_0.6"]  # the method's rows get a timing stage, run only with --latency
@@ -246,3 +246,17 @@ def test_stage_cost_survives_a_killed_attempt_and_accumulates(tmp_path, monkeypa
     st.run_stage(s, 1, False)  # a second attempt adds to the first
     second = json.loads((s.out / "cost.json").read_text())
     assert second["cpu_seconds"] >= first["cpu_seconds"] + 0.5 and second["seconds"] > first["seconds"]
+
+
+def test_weights_manifest_lists_every_committed_weight_file():
+    """results/ commits only the weights listed in results/weights.json (safetensors, sha256, command)."""
+    import shutil
+
+    w = _bench("weights")
+    if shutil.which("git") is None or not (BENCH.parent / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    m = w.load_manifest()
+    assert m["kept"] and all(e["path"].endswith(".safetensors") and e["command"] for e in m["kept"])
+    assert w.check(m) == []
