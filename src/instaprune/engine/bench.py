@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 from instaprune.core.errors import ConfigError
 from instaprune.engine._gated import GatedConv2d
@@ -71,10 +70,48 @@ def machine() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def _quiet_cpu_only(name: str):
+    """On a CUDA build of torch without a CUDA runtime (a CPU machine), two torch components print GPU noise that
+    says nothing about CPU timing: importing ``torch.utils.benchmark`` imports ``torch.utils.cpp_extension``, which
+    logs "No CUDA runtime is found, using CUDA_HOME=...", and the profiler (Kineto) prints its GPU probe
+    ("gpuGetDeviceCount failed with code 35") and start/stop lines. Where torch allows it, silence them: the
+    ``torch.utils.cpp_extension`` logger is raised to ERROR while it is imported, and Kineto's log level is set
+    above its errors through ``KINETO_LOG_LEVEL`` (unless the user set it). With CUDA available, nothing changes."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        if torch.cuda.is_available():
+            yield
+            return
+        if name == "kineto":
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+            yield
+            return
+        lg = logging.getLogger("torch.utils.cpp_extension")
+        old = lg.level
+        lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            lg.setLevel(old)
+
+    return quiet()
+
+
+def _timer():
+    """``torch.utils.benchmark.Timer``, imported on first use (without the CUDA-probe log line on CPU machines)."""
+    with _quiet_cpu_only("cpp_extension"):
+        from torch.utils.benchmark import Timer
+    return Timer
+
+
 def time_alternating(fns: dict[str, Callable[[], Any]], pairs: int = 7, threads: int = 1, clock: str = "auto",
                      min_seconds: float = 0.05) -> dict[str, list[float]]:
     """Per-call milliseconds of each function, measured round-robin ``pairs`` times (after one warm-up)."""
     timer = CLOCKS[clock_for(threads, clock)]
+    Timer = _timer()  # noqa: N806
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -130,7 +167,7 @@ def breakdown(engine: DynamicModel | nn.Module, x: torch.Tensor, reps: int = 3,
         c.profile = True
     try:
         run()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _quiet_cpu_only("kineto"), profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(reps):
                 run()
