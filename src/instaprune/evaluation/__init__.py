@@ -13,6 +13,7 @@ _EXPORTS = {
     "write_plots": "report",
     "write_markdown": "report",
     "spearman": "report",
+    "plot_difficulty_vs_flops": "report",
     "EXPORT_FORMATS": "export",
     "DATA_DEPENDENT_OPS": "export",
     "DynamicExport": "export",

@@ -14,7 +14,8 @@ import torch
 
 from instaprune.core.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["write_metrics", "write_plots", "write_markdown", "spearman"]
+__all__ = ["write_metrics", "write_plots", "write_markdown", "spearman", "plot_difficulty_vs_flops",
+           "POINT_COLUMNS"]
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,14 +78,17 @@ def write_plots(
         ax.set_title("Coefficient of variation per prune point")
         finish(fig, "cv_per_point.png")
     if per_point:
-        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(per_point)), 3.5))
-        xs = range(len(per_point))
-        ax.bar(xs, [r["keep_mean"] for r in per_point], color="tab:green", label="mean keep ratio")
-        ax.plot(xs, [r["keep_cv"] for r in per_point], "o", color="tab:red", label="CV of keep ratio over images")
-        ax.set_xticks(list(xs), [r["name"] for r in per_point], rotation=90, fontsize=7)
-        ax.set_ylim(0, max(1.05, max(r["keep_cv"] for r in per_point) * 1.1))
-        ax.legend(fontsize=8)
-        ax.set_title("Kept input channels per prune point")
+        # two quantities with different meanings: each on its own labelled axis
+        fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(6, 0.25 * len(per_point)), 5.0),
+                                          gridspec_kw={"height_ratios": [3, 2]})
+        xs = list(range(len(per_point)))
+        top.bar(xs, [r["keep_mean"] for r in per_point], color="tab:green")
+        top.set_ylim(0, 1.05)
+        top.set_ylabel("mean keep ratio\n(kept / C, per image)")
+        top.set_title("Kept input channels per prune point (test split)")
+        bottom.bar(xs, [r["keep_cv"] for r in per_point], color="tab:red")
+        bottom.set_ylabel("keep-ratio CV\nover images")
+        bottom.set_xticks(xs, [r["name"] for r in per_point], rotation=90, fontsize=7)
         finish(fig, "keep_ratio_per_point.png")
     if per_instance is not None and "flops" in per_instance and dense_flops:
         rel = (per_instance["flops"].double() / dense_flops).numpy()
@@ -96,12 +100,26 @@ def write_plots(
         finish(fig, "flops_histogram.png")
         conf = per_instance["dense_confidence"].numpy()
         ok = per_instance["correct"].numpy().astype(bool)
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        ax.scatter(conf[ok], rel[ok], s=2, alpha=0.3, label="correct", color="tab:blue")
-        ax.scatter(conf[~ok], rel[~ok], s=2, alpha=0.5, label="wrong", color="tab:red")
-        ax.set_xlabel("dense model confidence (max softmax)")
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        # "wrong" underneath, "correct" on top but translucent, and each group's median per confidence bin over
+        # both, so neither group hides the other
+        groups = [(~ok, "wrong", "tab:red"), (ok, "correct", "tab:blue")]
+        for sel, lab, color in groups:
+            ax.scatter(conf[sel], rel[sel], s=3, alpha=0.25, color=color, lw=0,
+                       label=f"{lab} ({int(sel.sum())} images)")
+        edges = torch.linspace(float(conf.min()), float(conf.max()) + 1e-9, 11).numpy()
+        for sel, lab, color in groups:
+            mids, meds = [], []
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+                inb = sel & (conf >= lo) & (conf < hi)
+                if inb.sum() >= 5:
+                    mids.append((lo + hi) / 2)
+                    meds.append(float(torch.tensor(rel[inb]).median()))
+            if mids:
+                ax.plot(mids, meds, "-o", color=color, ms=4, lw=2, mec="white", label=f"{lab}: median per bin")
+        ax.set_xlabel("confidence of the dense run of these weights (max softmax)")
         ax.set_ylabel("per-image FLOPs / dense")
-        ax.legend(fontsize=8, markerscale=4)
+        ax.legend(fontsize=7, markerscale=3, title="judged by the pruned (dynamic) model", title_fontsize=7)
         ax.set_title(f"Cost vs confidence (Spearman {spearman(torch.tensor(conf), torch.tensor(rel)):+.2f})")
         finish(fig, "keep_vs_confidence.png")
     if curves:
@@ -109,6 +127,12 @@ def write_plots(
         for label, rows in curves.items():
             rows = sorted(rows, key=lambda r: r["flops_reduction"])
             ax.plot([r["flops_reduction"] for r in rows], [r["top1"] for r in rows], "o-", label=label, ms=3)
+        if per_instance is not None and "flops" in per_instance and "correct" in per_instance and dense_flops:
+            # the run's own measurement: the plan as calibrated, on the evaluated split (flops include overhead)
+            red = 1.0 - float(per_instance["flops"].double().mean()) / dense_flops
+            top1 = float(per_instance["correct"].double().mean())
+            ax.plot([red], [top1], "*", ms=13, color="black", zorder=5,
+                    label=f"this evaluation: {top1:.3f} at {red:.3f}")
         if baseline_top1 is not None:
             ax.axhline(baseline_top1, color="gray", ls="--", label="baseline (no decay)")
         ax.set_xlabel("mean FLOPs reduction")
@@ -125,6 +149,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: what each column of report.md's per-point table means (docs/method.md sections 4, 5 and 9)
+POINT_COLUMNS = (
+    "Columns: **C** input channels of the point's consumer; **MACs share** the consumer's (for a gate: its "
+    "producers' and consumer's) share of the dense MACs; **CV** the coefficient of variation of the channel "
+    "saliency over the analysis images (mean over live channels of std/mean: high = the channels in use change from "
+    "image to image; empty when the plan has none); **tau** the point's threshold as calibrated (the kept channels "
+    "are those with saliency > tau x scale x ref, ref = the image's max or mean saliency, or 1 in absolute mode; for "
+    "a top-k gate, its keep fraction); **keep mean** the mean fraction of the point's channels kept per image on this "
+    "split; **keep CV** the coefficient of variation of that fraction over the images (0: every image keeps the same "
+    "number of channels)."
+)
+
+
 def write_markdown(out_dir: str | Path, title: str, metrics: Mapping[str, Any],
                    per_point: Sequence[Mapping[str, Any]] = (), plots: Sequence[str] = (),
                    notes: Sequence[str] = ()) -> Path:
@@ -137,8 +174,47 @@ def write_markdown(out_dir: str | Path, title: str, metrics: Mapping[str, Any],
         for r in per_point:
             lines.append(f"| {r['name']} | {r['channels']} | {r['macs_share']:.3f} | {_fmt(r.get('cv'))} | "
                          f"{r['tau']:.4f} | {r['keep_mean']:.3f} | {r['keep_cv']:.3f} |")
+        lines += ["", POINT_COLUMNS]
     if notes:
         lines += ["", *notes]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return atomic_write_text(Path(out_dir) / "report.md", "\n".join(lines) + "\n")
+
+
+def plot_difficulty_vs_flops(out_dir: str | Path, difficulty: torch.Tensor, flops: torch.Tensor, dense_flops: float,
+                             correct: torch.Tensor | None = None, name: str = "difficulty_vs_flops.png",
+                             difficulty_label: str = "difficulty (known to the data generator)") -> str:
+    """The demo's headline: per-image FLOPs (fraction of the dense model's, overhead included) against each image's
+    difficulty, with the median per difficulty bin and the Spearman correlation in the title. ``correct`` (the
+    pruned model's per-image correctness) colours the points, wrong ones drawn on top. Returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = difficulty.double().flatten()
+    rel = flops.double().flatten() / dense_flops
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    if correct is None:
+        ax.scatter(d.numpy(), rel.numpy(), s=3, alpha=0.3, lw=0, color="tab:purple")
+    else:
+        ok = correct.bool().flatten()
+        for sel, lab, color in ((ok, "right", "tab:blue"), (~ok, "wrong", "tab:red")):
+            ax.scatter(d[sel].numpy(), rel[sel].numpy(), s=3, alpha=0.3, lw=0, color=color,
+                       label=f"pruned model {lab} ({int(sel.sum())} images)")
+    edges = torch.quantile(d, torch.linspace(0, 1, 11, dtype=torch.float64))
+    mids, meds = [], []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inb = (d >= lo) & (d <= hi)
+        if int(inb.sum()) > 0:
+            mids.append(float(d[inb].median()))
+            meds.append(float(rel[inb].median()))
+    ax.plot(mids, meds, "-o", color="black", ms=4, lw=2, label="median per difficulty decile")
+    ax.set_xlabel(difficulty_label)
+    ax.set_ylabel("per-image FLOPs / dense (incl. overhead)")
+    ax.set_title(f"Harder images cost more? Spearman {spearman(d, rel):+.2f}")
+    ax.legend(fontsize=7, markerscale=3)
+    _save(fig, Path(out_dir) / name)
+    plt.close(fig)
+    return name

@@ -49,7 +49,7 @@ class PrunePoint:
     width: int
     groups: int
     macs: int  # dense MACs of the consumer for one instance
-    source: str  # module that produced the tensor ("<functional>" when made by a torch function)
+    source: str  # module that produced the tensor, or "functional op after <module>" (a torch function made it)
     shortcut: bool = False  # the consumer is a downsampling shortcut
 
     @property
@@ -140,17 +140,19 @@ def find_prune_points(
     keep_alive: list[torch.Tensor] = []  # keep outputs alive so their ids stay unique during the pass
     first_input: dict[str, bool] = {}
     handles = []
+    last = [""]  # the leaf module that finished most recently: names tensors made by torch functions after it
 
     def post_hook(name: str):
         def hook(m: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                src = produced.get(id(x)) or (f"functional op after {last[0]}" if last[0] else "functional op")
+                calls.setdefault(name, []).append((tuple(x.shape), conv_linear_macs(m, out), src))
+                first_input[name] = first_input.get(name, False) or x is example_input
             if isinstance(out, torch.Tensor):
                 produced[id(out)] = name
                 keep_alive.append(out)
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and args and isinstance(args[0], torch.Tensor):
-                x = args[0]
-                src = produced.get(id(x), "<functional>")
-                calls.setdefault(name, []).append((tuple(x.shape), conv_linear_macs(m, out), src))
-                first_input[name] = first_input.get(name, False) or x is example_input
+                last[0] = name
 
         return hook
 
