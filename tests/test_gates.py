@@ -381,3 +381,27 @@ def test_grouped_conv_gated_on_both_sides_counts_pairs_within_groups():
                 want += hw * 9 * int(m_in[i, 4 * g:4 * g + 4].sum())
         want += hw * 8 * int(m_out[i].sum())  # conv3: its kept input channels
         assert int(gated.instance_macs()[i]) == want
+
+
+def test_gated_export_matches_the_reference(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from instaprune.evaluation.export import export_model
+    from instaprune.pipeline.stages import discover
+
+    model = _model("resnet20")
+    gates = find_gates(model, torch.zeros(1, 3, 32, 32))
+    cfg = GateConfig(selection="topk")
+    attach_predictors(model, gates, cfg)
+    torch.manual_seed(0)
+    for p in getattr(model, GATES_ATTR).parameters():  # many g = 0: ties broken the same way everywhere
+        nn.init.normal_(p, 0.0, 0.3)
+    pre = Preprocessing(input_size=32)
+    points = discover(model, pre)
+    gp = GatePlan(cfg, gates.sites, dict.fromkeys(gates.names(), 0.4), {}, gates.dense_macs)
+    plan = Plan("resnet20", points.fingerprint(), Plan.signature(points), {}, preprocessing=pre, gates=gp)
+    x = torch.randn(6, 3, 32, 32)
+    res = export_model(model, tmp_path, plan, 32, return_active=True, verify_inputs=x)
+    assert res.max_abs_diff["pt2"] == 0.0 and res.max_abs_diff["onnx"] < 1e-3
+    assert "TopK" in res.onnx_ops
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["method"] == "gates" and info["selected_points"] == gates.names()

@@ -36,7 +36,7 @@ from instaprune.core.io import atomic_write_json
 from instaprune.method.plan import Plan
 from instaprune.method.thresholds import ThresholdConfig, keep_mask, saliency
 
-__all__ = ["EXPORT_FORMATS", "DATA_DEPENDENT_OPS", "DynamicExport", "ExportResult", "onnx_missing",
+__all__ = ["EXPORT_FORMATS", "DATA_DEPENDENT_OPS", "DynamicExport", "GatedExport", "ExportResult", "onnx_missing",
            "export_model", "run_onnx", "load_program"]
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,37 @@ class DynamicExport(nn.Module):
             h.remove()
         self._handles = []
         return self.model
+
+
+class GatedExport(nn.Module):
+    """The reference gated model (:class:`~instaprune.method.gates.GatedModel`) of a plan with gates, in the
+    export's calling convention: ``logits`` or ``(logits, active)``, ``active`` (N, G) int64 the kept channels of
+    each gate (plan order). The predictors, top-k / threshold and masks are graph ops (``ReduceMean``, ``Gemm``,
+    ``Relu``, ``TopK`` / ``Greater``, ``ScatterElements``, ``Mul``); the skipping itself falls back to masking,
+    as for post-hoc points."""
+
+    def __init__(self, model: nn.Module, plan: Plan, input_size: int, channels: int = 3,
+                 return_active: bool = False) -> None:
+        super().__init__()
+        from instaprune.method.gates import find_gates, gated_from_plan
+
+        gates = find_gates(model, torch.zeros(1, channels, input_size, input_size))
+        self.gated = gated_from_plan(model, gates, plan.gates, plan.scale).eval()
+        self.return_active = return_active
+        self.thresholds = plan.thresholds
+
+    @property
+    def selected(self) -> list[str]:
+        return self.gated.gates.names()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gated(x)
+        if not self.return_active:
+            return logits
+        return logits, torch.stack([self.gated.active[n] for n in self.selected], dim=1)
+
+    def remove(self) -> nn.Module:
+        return self.gated.remove()
 
 
 @dataclass
@@ -176,7 +207,11 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    wrapper = DynamicExport(model, plan, return_active=return_active).eval()
+    wrapper: DynamicExport | GatedExport
+    if plan is not None and plan.gates is not None:
+        wrapper = GatedExport(model, plan, size, channels, return_active=return_active).eval()
+    else:
+        wrapper = DynamicExport(model, plan, return_active=return_active).eval()
     try:
         x = torch.randn(example_batch, channels, size, size)
         batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
@@ -208,7 +243,8 @@ def export_model(
         "input": {"name": "input", "shape": ["batch", channels, size, size], "dtype": "float32",
                   "preprocessing": plan.preprocessing.to_dict() if plan is not None else None},
         "outputs": outputs, "dynamic": plan is not None,
-        "selected_points": wrapper.selected, "scale": plan.scale if plan is not None else None,
+        "selected_points": wrapper.selected, "method": "gates" if isinstance(wrapper, GatedExport) else (
+            "post-hoc" if plan is not None else "dense"), "scale": plan.scale if plan is not None else None,
         "thresholds": {"mode": wrapper.thresholds.mode, "min_keep": wrapper.thresholds.min_keep},
         "files": {k: p.name for k, p in res.paths.items()}, "onnx_ops": res.onnx_ops,
         "data_dependent_ops": [op for op in DATA_DEPENDENT_OPS if op in res.onnx_ops],

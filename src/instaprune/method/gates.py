@@ -430,13 +430,12 @@ class GatedModel(nn.Module):
         return max(self.cfg.floor(s.channels), min(s.channels, round(self.keep[s.name] * s.channels)))
 
     def select(self, s: GateSite, g: torch.Tensor) -> torch.Tensor:
-        """Boolean keep mask (N, C) for gate values ``g`` (N, C)."""
+        """Boolean keep mask (N, C) for gate values ``g`` (N, C); closed gates (g = 0) rank by index (:func:`_top`)."""
         if self.cfg.selection == "topk":
             k = self._k(s)
             if k >= s.channels:
                 return torch.ones_like(g, dtype=torch.bool)
-            idx = g.topk(k, dim=1).indices
-            return torch.zeros_like(g, dtype=torch.bool).scatter(1, idx, True)
+            return torch.zeros_like(g, dtype=torch.bool).scatter(1, _top(g, k), True)
         if self.training and self.running_taus:
             # per-image budgets while training: one running threshold per gate, the batch's quantile of g at the
             # current keep fraction (images above it keep more channels, images below fewer)
@@ -446,8 +445,7 @@ class GatedModel(nn.Module):
             keep = g > q
         else:
             keep = g > self.taus[s.name] * self.scale
-        k = self.cfg.floor(s.channels)
-        return keep.scatter(1, g.topk(k, dim=1).indices, True)
+        return keep.scatter(1, _top(g, self.cfg.floor(s.channels)), True)
 
     # ------------------------------------------------------------------ hooks
     def _predict_hook(self, s: GateSite):
@@ -568,6 +566,14 @@ class GatedModel(nn.Module):
             h.remove()
         self._handles = []
         return self.model
+
+
+def _top(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (N, k) of the k largest gate values per row. Gates closed by the ReLU (g = 0, often many) rank
+    by channel index, lower first, so every backend (eager, torch.export, ONNX TopK, the engine) keeps the same
+    channels; ties between equal positive values (measure zero) are left to ``topk``."""
+    order = -torch.arange(1, g.shape[1] + 1, dtype=g.dtype, device=g.device)
+    return torch.where(g > 0, g, order).topk(k, dim=1).indices
 
 
 def _first_linear(p: GatePredictor) -> nn.Linear:

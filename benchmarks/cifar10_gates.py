@@ -1,0 +1,247 @@
+"""CIFAR-10 study, second round (issue 23): predicted gates against static L1 filter pruning at equal FLOPs.
+
+Every row starts from the first study's adapted baseline (``results/study/<model>/adapt``) and is one
+``instaprune train`` command (``--gates`` and/or ``--static-target``) followed by one ``instaprune evaluate`` on
+the shared test split; every choice is made on the 5,000-image holdout of the JPEG train split (the ``train``
+command calibrates/evaluates there: ``metrics.json`` ``calibration.top1`` for gates, ``val_top1`` for static).
+Budgets: ``short`` = the first study's 6 epochs after the adapted baseline; ``long`` = 30 (ResNet-20) / 20
+(ResNet-56) epochs, the same for every row. All rows: lr 0.02 cosine, weight decay 1e-4, batch 128, seed 0.
+
+    python benchmarks/cifar10_gates.py run --model resnet20 --lanes 2 --threads 1   # resumable; re-run to go on
+    python benchmarks/cifar10_gates.py status --model resnet20
+    python benchmarks/cifar10_gates.py report --model resnet20     # results/cifar10_gates_<model>.{json,md,png}
+
+Stage directories live in ``results/study2/<model>/<stage>``; only the files a reported row needs are committed
+(metrics, plans, per-image arrays; weights listed in ``results/weights.json`` when a later stage needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import ROOT, Stage, run_lanes, run_meta
+
+WORK = ROOT / "results" / "study2"
+FIRST = ROOT / "results" / "study"
+TRAIN_DATA = ".data/cifar10-train-jpeg"
+TEST_DATA = "../shared/data/cifar10-test-jpeg"
+HOLDOUT = 5000
+LR, WD = 0.02, 1e-4
+BUDGETS = {"short": {"resnet20": 6, "resnet56": 6}, "long": {"resnet20": 30, "resnet56": 20}}
+TARGETS = (0.3, 0.45, 0.6, 0.7, 0.8)
+CHOICE_TARGET = 0.6
+#: the rows' training options, in the order the cores are spent on them (first: the pilot's best setting)
+VARIANTS: dict[str, list[str]] = {
+    "gates": ["--gates", "--distill", "0.5"],  # top-k, hard, linear predictor fitted to the saliency, ramp 0.3
+    "static": ["--distill", "0.5"],  # L1 filter pruning, slimmed, the same help (distillation) as the gates
+    "static_gates": ["--gates", "--distill", "0.5", "--static-target", "half"],  # section 10: half static
+    "gates_value": ["--gates", "--distill", "0.5", "--gate-multiplier", "value"],
+    "gates_thr": ["--gates", "--distill", "0.5", "--gate-selection", "threshold"],  # per-image budgets
+    "gates_bneck": ["--gates", "--distill", "0.5", "--gate-predictor", "bottleneck"],
+    "gates_ste": ["--gates", "--distill", "0.5", "--gate-multiplier", "ste"],
+    "gates_decay": ["--gates", "--distill", "0.5", "--gate-decay", "0.5"],
+    "gates_ramp0": ["--gates", "--distill", "0.5", "--gate-ramp", "0"],
+    "gates_nodistill": ["--gates"],
+    "static_nodistill": [],
+}
+STATIC = ("static", "static_nodistill")
+
+
+def adapted(model: str) -> str:
+    d = FIRST / model / "adapt"
+    for name in ("model.safetensors", "model.pt"):
+        if (d / name).is_file():
+            return str((d / name).relative_to(ROOT))
+    raise SystemExit(f"cifar10_gates: the adapted baseline of {model} is missing in {d}")
+
+
+def baseline_top1(model: str) -> float | None:
+    m = _load(FIRST / model / "ev_dense" / "metrics.json")
+    return None if m is None else float(m["dense_top1"])
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tag(variant: str, target: float, budget: str) -> str:
+    return f"{variant}_{target}_{budget}"
+
+
+def train_args(model: str, variant: str, target: float, budget: str) -> list[str]:
+    args = [a if a != "half" else str(round(target / 2, 4)) for a in VARIANTS[variant]]
+    if variant in STATIC:
+        args += ["--static-target", str(target)]
+    else:
+        args += ["--target", str(target)]
+    return ["train", "--model", model, "--checkpoint", adapted(model), "--data-path", TRAIN_DATA, "--holdout",
+            str(HOLDOUT), "-b", "128", "--epochs", str(BUDGETS[budget][model]), "--lr", str(LR), "--wd", str(WD),
+            "--lam", "0", "--checkpoint-every", "100", "--resume", "auto", *args]
+
+
+def holdout_top1(work: Path, name: str) -> float | None:
+    m = _load(work / name / "metrics.json")
+    if m is None:
+        return None
+    return (m.get("calibration") or {}).get("top1", m.get("val_top1"))
+
+
+def choose(work: Path) -> str:
+    """The gated variant with the best holdout top-1 at the choice target, short budget, on ResNet-20."""
+    scores = {v: holdout_top1(work / "resnet20", tag(v, CHOICE_TARGET, "short")) for v in VARIANTS
+              if v not in STATIC and v != "gates_nodistill"}
+    done = {v: s for v, s in scores.items() if s is not None}
+    return max(done, key=done.__getitem__) if done else "gates"
+
+
+def rows(model: str, work: Path) -> list[tuple[str, float, str]]:
+    """(variant, target, budget) of every row of ``model``, decisive ones first."""
+    if model == "resnet20":
+        out = [(v, CHOICE_TARGET, "short") for v in VARIANTS]
+        best = choose(work)
+        out += [(v, t, "short") for t in TARGETS if t != CHOICE_TARGET for v in (best, "static")]
+        out += [(v, CHOICE_TARGET, "long") for v in (best, "static", "static_gates")]
+        return out
+    best = choose(work)
+    out = [(v, CHOICE_TARGET, "short") for v in (best, "static", "static_gates")]
+    out += [(v, t, "short") for t in (0.7, 0.8, 0.3, 0.45) for v in (best, "static")]
+    out += [(v, CHOICE_TARGET, "long") for v in (best, "static", "static_gates")]
+    return out
+
+
+def stages(model: str, work: Path) -> list[Stage]:
+    w = work / model
+    out: list[Stage] = []
+    base = baseline_top1(model)
+    for variant, target, budget in rows(model, work):
+        name = tag(variant, target, budget)
+        tr = Stage(name, train_args(model, variant, target, budget), w / name, "metrics.json")
+        ev_args = ["evaluate", "--model", model, "--data-path", TEST_DATA, "--checkpoint", str(tr.out / "model.pt")]
+        if variant not in STATIC:
+            ev_args += ["--plan", str(tr.out / "plan.json")]
+        if base is not None:
+            ev_args += ["--baseline-top1", str(base)]
+        out += [tr, Stage(f"ev_{name}", ev_args, w / f"ev_{name}", "metrics.json", [name])]
+    return out
+
+
+def status(model: str, work: Path) -> None:
+    for s in stages(model, work):
+        state = "done" if s.done() else ("failed" if (s.out / "failed.json").is_file() else "todo")
+        print(f"{s.name:40s} {state}")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(model: str, work: Path, results: Path = ROOT / "results") -> Path:
+    from cifar10_study import paired_bootstrap  # the first study's paired bootstrap (10,000 resamples)
+
+    w = work / model
+    table = []
+    for variant, target, budget in dict.fromkeys(rows(model, work)):
+        name = tag(variant, target, budget)
+        tr, ev = _load(w / name / "metrics.json"), _load(w / f"ev_{name}" / "metrics.json")
+        if tr is None or ev is None:
+            continue
+        per = w / f"ev_{name}" / "per_image.npz"
+        correct = np.load(per)["correct" if variant not in STATIC else "dense_correct"] if per.is_file() else None
+        red = ev.get("flops_reduction", tr.get("flops_reduction"))
+        table.append({"variant": variant, "target": target, "budget": budget,
+                      "epochs": BUDGETS[budget][model], "holdout_top1": holdout_top1(w, name),
+                      "top1": ev.get("top1", ev["dense_top1"]), "flops_reduction": red,
+                      "per_image_flops_p90_over_p10": ev.get("per_image_flops_p90_over_p10"),
+                      "cost_seconds": _cost(w / name), "_correct": correct})
+    for r in table:  # paired differences to the static row of the same target and budget
+        st = next((s for s in table if s["variant"] == "static" and s["target"] == r["target"]
+                   and s["budget"] == r["budget"]), None)
+        if st is not None and r is not st and r["_correct"] is not None and st["_correct"] is not None:
+            a, b = r["_correct"].astype(float), st["_correct"].astype(float)
+            lo, hi = paired_bootstrap(a, b)
+            r["minus_static"] = {"diff": float(a.mean() - b.mean()), "ci95": [lo, hi]}
+    for r in table:
+        r.pop("_correct")
+    meta = run_meta("cifar10_gates.py", ["report", "--model", model], model=model,
+                    baseline_top1=baseline_top1(model), budgets=BUDGETS, lr=LR, weight_decay=WD)
+    from instaprune.core.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(results / f"cifar10_gates_{model}.json", {"meta": meta, "rows": table})
+    md = [f"# CIFAR-10 study 2: {model}, gates vs static (test split; choices on the holdout)", "",
+          f"Adapted baseline top-1 {meta['baseline_top1']}; budgets in epochs after it: {BUDGETS['short'][model]} "
+          f"(short), {BUDGETS['long'][model]} (long). Peers train 200-400 epochs on GPUs.", "",
+          "| row | target | budget | holdout top-1 | test top-1 | FLOPs reduction | p90/p10 | minus static [95% CI] "
+          "| cost (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        d = r.get("minus_static")
+        ds = f"{100 * d['diff']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" if d else ""
+        md.append(f"| {r['variant']} | {r['target']} | {r['budget']} ({r['epochs']}) | {_f(r['holdout_top1'])} | "
+                  f"{_f(r['top1'])} | {_f(r['flops_reduction'], 3)} | {_f(r['per_image_flops_p90_over_p10'], 2)} | "
+                  f"{ds} | {_f((r['cost_seconds'] or 0) / 60, 0)} |")
+    path = atomic_write_text(results / f"cifar10_gates_{model}.md", "\n".join(md) + "\n")
+    _plot(table, results / f"cifar10_gates_{model}.png", model, meta["baseline_top1"])
+    return path
+
+
+def _f(v: float | None, nd: int = 4) -> str:
+    return "" if v is None else f"{v:.{nd}f}"
+
+
+def _cost(out: Path) -> float | None:
+    c = _load(out / "cost.json")
+    if c is not None:
+        return float(c["seconds"])
+    m = _load(out / "metrics.json")
+    return None if m is None else m.get("seconds")
+
+
+def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in table:
+        series.setdefault((r["variant"], r["budget"]), []).append(r)
+    for (variant, budget), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["flops_reduction"])
+        ax.plot([r["flops_reduction"] for r in rs], [r["top1"] for r in rs], "o-" if budget == "short" else "s--",
+                label=f"{variant} ({budget})", ms=4)
+    if base is not None:
+        ax.axhline(base, color="gray", ls=":", label="adapted baseline")
+    ax.set_xlabel("mean FLOPs reduction (test split)")
+    ax.set_ylabel("test top-1")
+    ax.set_title(f"CIFAR-10 {model}: gates vs static")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=("run", "status", "report"))
+    ap.add_argument("--model", choices=("resnet20", "resnet56"), required=True)
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="run only stages whose name starts with this")
+    ap.add_argument("--dry", action="store_true")
+    a = ap.parse_args(argv)
+    if a.action == "status":
+        status(a.model, a.work)
+        return 0
+    if a.action == "report":
+        print(report(a.model, a.work))
+        return 0
+    ok = run_lanes(lambda: (None, stages(a.model, a.work)), a.work / a.model, a.lanes, a.threads, a.only, dry=a.dry)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
