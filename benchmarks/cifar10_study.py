@@ -91,7 +91,11 @@ GRID = {
 MODES = ("max", "mean", "one")
 SELECTIONS = ("all", "cv")  # choice candidates; "rand" is the ablation
 CV_FRACTION = 0.67  # CV selection: top-k points by CV with k = round(0.67 x points), made feasible by select
-CHECKPOINTS = {"resnet20": "../shared/models/resnet20-cifar10.th", "resnet56": ".data/models/resnet56-cifar10.th"}
+#: the public checkpoints (README, "The CIFAR-10 files the examples use"); ResNet-20's from the project's shared
+#: directory where the study ran, else from .data/
+CHECKPOINTS = {"resnet20": next((p for p in ("../shared/models/resnet20-cifar10.th", ".data/models/resnet20-cifar10.th")
+                                 if (ROOT / p).exists()), ".data/models/resnet20-cifar10.th"),
+               "resnet56": ".data/models/resnet56-cifar10.th"}
 #: prune-aware phase: masks on, penalty off, the FLOPs-target controller (ramp over its first 30%), a fresh
 #: cosine schedule at the fine-tune's learning rate; the static baseline gets the same two phases
 EPOCHS = {"adapt": 3, "finetune": 3, "prune_aware": 3}
@@ -922,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         a.epochs = int(a.epochs)
         return static_stage(a, LR, PA_LR)
     inputs = ((a.train_data, "training split"), (a.test_data, "test split"), (CHECKPOINTS[a.model], "checkpoint"))
-    for p, what in inputs:
+    for p, what in inputs if a.action == "run" else ():  # status and report read only the stage directories
         if not Path(p).exists():
             print(f"cifar10_study: {what} not found: {p}", file=sys.stderr)
             return 2
