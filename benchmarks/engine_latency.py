@@ -12,6 +12,13 @@ Rows (``results/engine_latency.json``, key ``rows``):
   also gets a ``floor`` row (keep 0.0: every point keeps only its min_keep channels); keep-1.0 rows also time
   the engine with the saliency skipped (``no_saliency_ms``), which splits its overhead into saliency and the
   rest.
+- ``model`` with ``method`` = ``gate``: predicted gates (``to_dynamic`` on a gated plan, top-k, hard) on
+  ResNet-18/50 and MobileNetV2 at 224x224 and CIFAR ResNet-20/56 at 32x32, keep 1.0/0.5/0.3 per gate; masks
+  forced per image (every image keeps the same k channels per gate, drawn independently: no real calibrated
+  gated plan exists yet), the predictors computed and paid; ``slim_ms`` = the statically slimmed model of the
+  same MACs (``engine.bench.slim_gates``: the same k channels physically removed; the fastest of its eager /
+  folded x NCHW / channels_last forms); dense, slim and dynamic alternate; ``tuned_ms`` = the engine's timed
+  policies (``auto`` and each strategy forced on every gate, NCHW / channels_last) on its first call.
 - ``model-real``: CIFAR ResNet-20/56 with their public checkpoints, a plan calibrated (shared tau, target
   FLOPs reduction 0.5) on ``--calib-images`` images of the CIFAR-10 train split (``--cifar-train``; when
   absent, on test images disjoint from the timed ones) and timed on ``--timed-images`` images of the test
@@ -51,9 +58,11 @@ from instaprune.engine.bench import (
     dense_candidates,
     dense_models,
     per_call_latency,
+    slim_gates,
     time_alternating,
 )
 from instaprune.engine.dynamic import to_dynamic
+from instaprune.method.gates import GateConfig, GatePlan, attach_predictors, find_gates
 from instaprune.method.masked import MaskedModel
 from instaprune.method.plan import Plan
 from instaprune.method.points import find_prune_points
@@ -252,6 +261,107 @@ def model_rows(args, threads: int, batches) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- predicted gates
+GATE_MODELS = [("resnet18", 224), ("resnet50", 224), ("mobilenet_v2", 224), ("resnet20", 32), ("resnet56", 32)]
+GATE_KEEPS = (1.0, 0.5, 0.3)
+GATE_CFG = GateConfig(selection="topk", multiplier="hard")
+
+
+def topk_masks(gates, n: int, keep: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per image, k = max(floor, round(keep * C)) channels of each gate drawn independently (top-k budgets)."""
+    out = {}
+    for s in gates:
+        c = s.channels
+        k = max(GATE_CFG.floor(c), min(c, round(keep * c)))
+        idx = torch.rand(n, c, generator=gen).argsort(1)[:, :k]
+        out[s.name] = torch.zeros(n, c, dtype=torch.bool).scatter_(1, idx, True)
+    return out
+
+
+def _fastest(cands: dict, threads: int, clock: str, rounds: int) -> str:
+    t = time_alternating(cands, rounds, threads, clock, min_seconds=0.02)
+    return min(t, key=lambda k: med(t[k]))
+
+
+def gate_rows(args, threads: int, batches) -> list[dict]:
+    rows = []
+    models = [m for m in GATE_MODELS if not args.models or m[0] in args.models.split(",")]
+    for name, size in models:
+        model = build_model(name).eval()
+        x0 = torch.zeros(1, 3, size, size)
+        gates = find_gates(model, x0)
+        attach_predictors(model, gates, GATE_CFG)  # open predictors: the masks are forced, the cost is paid
+        points = find_prune_points(model, x0)
+        for n in batches:
+            gen = torch.Generator().manual_seed(n)
+            x = torch.randn(n, 3, size, size, generator=gen)
+            dense = dense_candidates(model, points, x)
+            best = _fastest(dense, threads, args.clock, 2 if n == 1 else 1)
+            for keep in GATE_KEEPS:
+                keeps = dict.fromkeys(gates.names(), keep)
+                gplan = GatePlan(GATE_CFG, tuple(gates.sites), keeps, {}, gates.dense_macs)
+                plan = Plan(name, points.fingerprint(), Plan.signature(points), {}, gates=gplan)
+                engine = to_dynamic(model, points, plan)
+                engine._ctx.forced_pays_predictor = True
+                # keep 1.0: the engine's own top-k keeps every channel and skips the predictors (what a top-k
+                # plan at 1.0 runs); ``predictors_ms`` times the same engine with them computed
+                engine.forced = topk_masks(gates, n, keep, gen) if keep < 1.0 else None
+                slim = slim_gates(model, gates, keeps, GATE_CFG.min_keep)
+                slim_c = dense_candidates(slim, find_prune_points(slim, x0), x)
+                sbest = _fastest(slim_c, threads, args.clock, 2 if n == 1 else 1)
+                prev = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    t0 = time.perf_counter()
+                    engine.warmup(x)  # a batch's policy is tuned on its first call, before any timing
+                    warm = time.perf_counter() - t0
+                finally:
+                    torch.set_num_threads(prev)
+
+                def run_dyn(engine=engine, x=x):
+                    return engine(x)
+
+                fns = {"dense": dense[best], "slim": slim_c[sbest], "dynamic": run_dyn}
+                if keep == 1.0:
+                    open_masks = topk_masks(gates, n, 1.0, gen)
+
+                    def with_predictors(engine=engine, x=x, masks=open_masks):
+                        engine.forced = masks
+                        try:
+                            return engine(x)
+                        finally:
+                            engine.forced = None
+                    fns["predictors"] = with_predictors
+                t = time_alternating(fns, args.pairs, threads, args.clock, min_seconds=0.02)
+                engine(x)
+                s = engine.summary()
+                slim_macs = float(engine.instance_macs().mean())
+                row = {"level": "model", "method": "gate", "model": name, "batch": n, "threads": threads,
+                       "keep": keep, "gates": len(gates), "selection": "topk (forced, independent per image)",
+                       "strategy": s["strategies"], "flops_reduction": s["flops_reduction"],
+                       "executed_flops_reduction": s["executed_flops_reduction"],
+                       "slim_variant": sbest, "slim_ms": med(t["slim"]),
+                       "slim_theoretical_speedup": s["dense_macs"] / slim_macs, "warmup_s": round(warm, 2)}
+                finish_row(row, {best: t["dense"]}, t["dynamic"], s["theoretical_speedup"])
+                row["slim_speedup"] = row["dense_ms"] / row["slim_ms"]
+                if "predictors" in t:
+                    row["predictors_ms"] = med(t["predictors"])
+                row["ratio_to_slim"] = row["dynamic_ms"] / row["slim_ms"]
+                if engine.tuned:
+                    (key, tuned), = ((k, v) for k, v in engine.tuned.items() if k[0] == n)
+                    row["tuned_ms"] = {k: 1e3 * v for k, v in tuned.items()}
+                    pol = engine._policies[key]
+                    row["policy"] = f"{pol[0]}/{'cl' if pol[1] else 'nchw'}"
+                else:
+                    row["policy"] = "auto/nchw"
+                frac = breakdown(engine, x, reps=3 if n == 1 else 1)
+                row["breakdown_ms"] = {k: v * row["dynamic_ms"] for k, v in frac.items()}
+                rows.append(row)
+                log(row)
+                del engine, slim, slim_c
+    return rows
+
+
 # ---------------------------------------------------------------- real plans on real images
 def _path(arg: str) -> Path:
     p = Path(arg)
@@ -384,8 +494,8 @@ def _inf(model, x):
 def log(obj) -> None:
     if "level" in obj:
         obj["procs_running"] = procs_running()
-    keys = ("level", "model", "layer", "batch", "threads", "keep", "dense_ms", "dynamic_ms", "efficiency",
-            "auto_over_best", "skipped", "procs_running")
+    keys = ("level", "method", "model", "layer", "batch", "threads", "keep", "dense_ms", "slim_ms", "dynamic_ms",
+            "efficiency", "ratio_to_slim", "policy", "auto_over_best", "skipped", "procs_running")
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in obj.items() if k in keys}),
           flush=True)
 
@@ -393,7 +503,7 @@ def log(obj) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rows, 3 pairs: a smoke test")
-    ap.add_argument("--parts", default="layer,model,real")
+    ap.add_argument("--parts", default="layer,model,real", help="comma-separated: layer, model, gate, real")
     ap.add_argument("--models", default="", help="model-level rows for these models only (comma-separated)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,32")
@@ -422,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_procs_running": max(m.get("max_procs_running", 0) for m in metas), "parts": metas}
         keyed: dict[tuple, dict] = {}  # a row measured again in a later part replaces the earlier one
         for row in (row for r in runs for row in r["rows"]):
-            keyed[tuple(row.get(k) for k in ("level", "model", "layer", "batch", "threads", "keep"))] = row
+            keyed[tuple(row.get(k) for k in ("level", "method", "model", "layer", "batch", "threads",
+                                             "keep"))] = row
         rows = list(keyed.values())
         atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
         args.render_only = True
@@ -452,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += layer_rows(args, t, batches)
         if "model" in parts:
             rows += model_rows(args, t, batches)
+        if "gate" in parts:
+            rows += gate_rows(args, t, batches)
     if "real" in parts:
         rows += real_rows(args)
     meta["load_avg_at_end"] = list(os.getloadavg())

@@ -16,6 +16,14 @@ LIMITS = [
 ]
 
 
+def _posthoc(r: dict) -> bool:
+    return r["level"] == "model" and r.get("method") != "gate"
+
+
+def _gate(r: dict) -> bool:
+    return r["level"] == "model" and r.get("method") == "gate"
+
+
 def _f(v, nd: int = 2) -> str:
     return "" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
@@ -49,7 +57,7 @@ def _short(r: dict) -> str:
 def goals(rows: list[dict]) -> list[str]:
     """The issue's goals against the measured rows (every thread count is reported separately)."""
     out = []
-    model = [r for r in rows if r["level"] == "model"]
+    model = [r for r in rows if _posthoc(r)]
     for n, goal in ((1, 0.75), (32, 0.6)):
         for r in model:
             if r["model"] in GOAL_MODELS and r["batch"] == n and r["keep"] == 0.5:
@@ -60,9 +68,9 @@ def goals(rows: list[dict]) -> list[str]:
                            f"{r['measured_speedup']:.2f}x of {r['theoretical_speedup']:.2f}x)")
                 if r["efficiency"] < goal:
                     out.append(f"  - breakdown: {_short(r)}")
-    for label, sel in ((f"{'/'.join(GOAL_MODELS)} model rows", lambda r: r["level"] == "model"
+    for label, sel in ((f"{'/'.join(GOAL_MODELS)} model rows", lambda r: _posthoc(r)
                         and r["model"] in GOAL_MODELS),
-                       ("all model rows", lambda r: r["level"] == "model"),
+                       ("all model rows", lambda r: _posthoc(r)),
                        ("all layer rows", lambda r: r["level"] == "layer")):
         ratios = sorted(r["time_ratio"] for r in rows if sel(r) and r["keep"] == 1.0)
         if ratios:
@@ -98,6 +106,43 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
+GATE_GOALS = {1: (1.10, 0.85), 32: (1.25, 0.75)}  # batch -> (max dynamic / slim time, min efficiency)
+
+
+def gate_goals(rows: list[dict]) -> list[str]:
+    """Issue 22's goals against the ``method`` = ``gate`` rows."""
+    out = []
+    gate = [r for r in rows if _gate(r)]
+    for r in gate:
+        if r["model"] in GOAL_MODELS and r["keep"] == 0.5 and r["batch"] in GATE_GOALS:
+            ratio, eff = GATE_GOALS[r["batch"]]
+            ok = "meets" if r["ratio_to_slim"] <= ratio and r["efficiency"] >= eff else "MISSES"
+            out.append(f"- {r['model']} batch {r['batch']}, {r['threads']} thread(s), keep 0.5: dynamic / slim "
+                       f"**{r['ratio_to_slim']:.2f}** (goal <= {ratio}), efficiency **{r['efficiency']:.2f}** "
+                       f"(goal >= {eff}): {ok}; {_short(r)}")
+    ratios = sorted(r["time_ratio"] for r in gate if r["keep"] == 1.0)
+    if ratios:
+        q3 = _q3(ratios)
+        out.append(f"- keep 1.0 (top-k keeps every channel: predictors skipped): upper quartile of dynamic / dense "
+                   f"time **{q3:.3f}** over {len(ratios)} rows ({'meets' if q3 <= 1.03 else 'ABOVE'} the goal 1.03; "
+                   f"max {ratios[-1]:.3f})")
+        paid = sorted(r["predictors_ms"] / r["dense_ms"] for r in gate if r["keep"] == 1.0 and "predictors_ms" in r)
+        if paid:
+            out.append(f"  - the same rows with every predictor computed (a threshold plan whose gates all stay "
+                       f"open): upper quartile **{_q3(paid):.3f}** (max {paid[-1]:.3f})")
+    for r in gate:
+        if r["model"] == "resnet56" and r["keep"] in (0.5, 0.3) and r["threads"] == 1:
+            goal = 1.6 if r["batch"] == 1 else 1.8
+            out.append(f"- CIFAR ResNet-56 batch {r['batch']}, 1 thread, keep {r['keep']} (synthetic budget, FLOPs "
+                       f"reduction {r['flops_reduction']:.2f}; no calibrated gated plan yet): measured speedup "
+                       f"**{r['measured_speedup']:.2f}x** (goal {goal}x at a real ~60% plan), slim "
+                       f"{r['slim_speedup']:.2f}x")
+        if r["model"] == "mobilenet_v2" and r["keep"] == 0.5 and r["batch"] == 1:
+            out.append(f"- MobileNetV2 batch 1, {r['threads']} thread(s), keep 0.5: measured speedup "
+                       f"**{r['measured_speedup']:.2f}x** (goal 1.3x), slim {r['slim_speedup']:.2f}x")
+    return out
+
+
 def _meta_block(meta: dict) -> list[str]:
     lines = ["```", json.dumps(meta, indent=1), "```", ""]
     if meta.get("loaded"):
@@ -117,12 +162,29 @@ def render(meta: dict, rows: list[dict], out: Path) -> tuple[str, Path]:
     head = "| model | batch | thr | keep | dense | dense ms | dyn ms | speedup | theor. | eff. | " \
            "exec. red. | strategies | sal/gath/conv/other ms | auto/best |"
     lines += ["## Model level (forced independent masks; saliency paid)", "", head, "|" + "---|" * 14]
-    for r in (r for r in rows if r["level"] == "model"):
+    for r in (r for r in rows if _posthoc(r)):
         lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {_keep(r)} | {r['dense_variant']} | "
                      f"{_f(r['dense_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])} | "
                      f"{_f(r['theoretical_speedup'])} | {_f(r['efficiency'])} | "
                      f"{_f(r.get('executed_flops_reduction'), 3)} | {_strat(r)} | {_bd(r)} | "
                      f"{_f(r.get('auto_over_best'))} |")
+    gate = [r for r in rows if _gate(r)]
+    if gate:
+        lines += ["", "## Predicted gates (method `gate`: forced per-image top-k masks, predictors paid)", "",
+                  "Dense = the fastest dense form; slim = the statically slimmed model of the same MACs (the same k "
+                  "channels per gate physically removed, fastest of its forms); dynamic = `to_dynamic` on the "
+                  "gated plan (policy tuned on its first call: per-gate cost model `auto` or one strategy on every "
+                  "gate, NCHW or channels_last). Masks: every image keeps k = round(keep x C) channels per gate, "
+                  "drawn independently (no calibrated gated plan exists yet: synthetic budgets).", "",
+                  *gate_goals(rows), "",
+                  "| model | batch | thr | keep | dense ms | slim ms | dyn ms | speedup | theor. | eff. | slim "
+                  "speedup | dyn/slim | policy | strategies | pred/gath/conv/other ms |", "|" + "---|" * 15]
+        for r in gate:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {_keep(r)} | {_f(r['dense_ms'])} | "
+                         f"{_f(r['slim_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])} | "
+                         f"{_f(r['theoretical_speedup'])} | {_f(r['efficiency'])} | {_f(r['slim_speedup'])} | "
+                         f"{_f(r['ratio_to_slim'])} | {r.get('policy', '')} | {_strat(r)} | {_bd(r)} |")
+        lines += ["", "![gates: measured vs theoretical speedup](engine_latency_gates.png)", ""]
     real = [r for r in rows if r["level"] == "model-real"]
     if real:
         lines += ["", "## Real calibrated plans on real images (engine computes its own masks)", "",
@@ -152,6 +214,8 @@ def render(meta: dict, rows: list[dict], out: Path) -> tuple[str, Path]:
     lines += ["", "## What limits the efficiency", "", *LIMITS]
     png = out.with_suffix(".png")
     _plot(rows, png)
+    if gate:
+        _plot_gates(gate, out.with_name(out.name + "_gates.png"))
     lines += ["", f"![efficiency]({png.name})", ""]
     return "\n".join(lines), png
 
@@ -163,11 +227,11 @@ def _plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    names = list(dict.fromkeys(r["model"] for r in rows if r["level"] == "model"))
+    names = list(dict.fromkeys(r["model"] for r in rows if _posthoc(r)))
     for ax, n in zip(axes, (1, 32), strict=True):
         for name in names:
             for t, style in ((1, "-o"), (2, "--s")):
-                pts = sorted((r["keep"], r["efficiency"]) for r in rows if r["level"] == "model"
+                pts = sorted((r["keep"], r["efficiency"]) for r in rows if _posthoc(r)
                              and r["model"] == name and r["batch"] == n and r["threads"] == t and r["keep"] > 0)
                 if pts:
                     ax.plot(*zip(*pts, strict=True), style, label=f"{name} {t}t")
@@ -177,6 +241,42 @@ def _plot(rows: list[dict], png: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("efficiency (measured / theoretical speedup)")
     axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _plot_gates(rows: list[dict], png: Path) -> None:
+    """Measured vs theoretical speedup of the gated engine (filled) and of the slim model (hollow), per batch;
+    the diagonal is the theoretical limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.8), squeeze=False)
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for ax, n in zip(axes[0], batches, strict=True):
+        top = 1.0
+        for r in (r for r in rows if r["batch"] == n):
+            m = "o" if r["threads"] == 1 else "s"
+            ax.plot(r["theoretical_speedup"], r["measured_speedup"], m, color=colors[r["model"]])
+            ax.plot(r["slim_theoretical_speedup"], r["slim_speedup"], m, color=colors[r["model"]], mfc="none")
+            top = max(top, r["theoretical_speedup"], r["slim_theoretical_speedup"], r["measured_speedup"])
+        ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", lw=0.8, ls=":")
+        for name in names:
+            ax.plot([], [], "o", color=colors[name], label=name)
+        ax.plot([], [], "o", color="k", label="dynamic (1 thread; squares: 2)")
+        ax.plot([], [], "o", color="k", mfc="none", label="slim, same MACs")
+        ax.set_xlim(0, top * 1.05)
+        ax.set_ylim(0, top * 1.05)
+        ax.set_title(f"predicted gates, batch {n} (dotted: measured = theoretical)")
+        ax.set_xlabel("theoretical speedup (dense MACs / (MACs + predictor overhead))")
+        ax.set_ylabel("measured speedup over the fastest dense model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

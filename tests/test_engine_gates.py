@@ -222,6 +222,27 @@ def test_batch_invariance(name, size):
             engine.strategy = "auto"
 
 
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_closed_gates_rank_by_channel_index_as_the_reference(selection):
+    """Many g = 0 (closed by the ReLU): top-k and the threshold's floor keep the lowest-index closed channels,
+    as the reference (and export) do."""
+    cfg = GateConfig(selection=selection, multiplier="hard", min_keep=0.3)
+    model, gates, points, plan = gated_setup("resnet20", 32, cfg, keep=0.6, tau=5.0)
+    for m in getattr(model, GATES_ATTR).children():
+        with torch.no_grad():
+            m.fc.bias[::2] = -10.0  # half of every gate's channels closed for any input
+    engine = to_dynamic(model, points, plan, tune=False)
+    ref = gated_from_plan(model, gates, plan.gates)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y_ref = ref(x)
+    y = engine(x)
+    assert any(bool((v == 0).any()) for v in ref.values.values())
+    assert all(torch.equal(engine.last_masks()[k], ref.masks[k]) for k in ref.masks)
+    assert_close(y, y_ref)
+    ref.remove()
+
+
 def test_keep_one_runs_every_layer_densely_and_no_predictor_for_hard_topk():
     cfg = GateConfig(selection="topk", multiplier="hard")
     model, gates, points, plan = gated_setup("resnet20", 32, cfg, keep=1.0)
@@ -333,4 +354,38 @@ def test_property_random_gated_chains(c_in, c_mid, c_out, k, stride, dw, pool, s
         assert not forced
         for name, rec in engine.records.items():
             torch.testing.assert_close(rec["g"], ref.values[name], rtol=1e-4, atol=1e-4)
+    ref.remove()
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet50", 64), ("mobilenet_v2", 64)])
+def test_slim_yardstick_equals_the_gated_reference_on_its_channels(name, size):
+    """``bench.slim_gates`` (the benchmark's static model of the same MACs) is the reference with every image
+    keeping the first k channels of each gate: same outputs, and MACs equal to the engine's top-k count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from instaprune.engine.bench import breakdown, slim_gates
+
+    cfg = GateConfig(selection="topk", multiplier="hard")
+    model, gates, points, plan = gated_setup(name, size, cfg, keep=0.3)
+    keep = dict.fromkeys(gates.names(), 0.3)
+    slim = slim_gates(model, gates, keep, cfg.min_keep)
+    engine = to_dynamic(model, points, plan, tune=False)
+    ref = gated_from_plan(model, gates, plan.gates)
+    x = torch.randn(2, 3, size, size)
+    masks = {}
+    for s in gates:
+        k = max(cfg.floor(s.channels), round(0.3 * s.channels))
+        masks[s.name] = torch.zeros(2, s.channels, dtype=torch.bool)
+        masks[s.name][:, :k] = True
+    ref.forced = masks
+    with torch.no_grad():
+        y_ref = ref(x)
+        with FlopCounterMode(display=False) as fc:
+            y_slim = slim(x[:1])
+    assert_close(y_slim, y_ref[:1])
+    engine.forced = masks
+    assert_close(engine(x), y_ref)
+    assert fc.get_total_flops() // 2 == int(engine.instance_macs()[0])
+    parts = breakdown(engine, x, reps=1)
+    assert set(parts) == {"saliency", "gather", "conv", "other"} and abs(sum(parts.values()) - 1) < 1e-6
     ref.remove()

@@ -66,6 +66,10 @@ _RELAYOUT_NS = 0.5
 #: tuning: timed rounds per candidate policy (the first is a warm-up; the minimum of the rest counts)
 _TUNE_ROUNDS = 3
 _TUNE_POLICIES = ("auto", "grouped", "union", "dense")
+#: batch 1 gathers plain rows / columns into a plain conv: ~0.3-0.4 ns per weight element (measured on ResNet-18
+#: shapes: 1.2M elements in 0.33 ms as rows, 0.49 ms as columns, 1 thread), not the post-hoc kernels' 1.2 ns
+#: (which includes oneDNN's per-call reorder, paid by the dense conv as well)
+_COST_B1 = {**COST, "wf": 0.4}
 
 
 def _key(name: str) -> str:
@@ -88,6 +92,7 @@ class _Gate:
         self.w1 = lin[0].weight.detach().clone() if self.bottleneck else None
         self.b1 = lin[0].bias.detach().clone() if self.bottleneck else None
         self.w, self.b = predictor.fc.weight.detach().clone(), predictor.fc.bias.detach().clone()
+        self.order = -torch.arange(1, self.c + 1, dtype=self.w.dtype)  # rank of closed gates (see ``top``)
         self.layers: list[dict] = []  # geometry of P, D, C for the cost model (filled by build_gated)
         # state of the last call
         self.kind = "full"  # full | shared | per
@@ -98,6 +103,7 @@ class _Gate:
         self.mask: torch.Tensor | None = None  # bool (N, C) when known (threshold / forced); else from idx
         self.n = 0
         self._mask_cache: tuple | None = None
+        self._single_picks: dict[int, str] = {}
 
     # ------------------------------------------------------------ prediction
     def scores(self, x: torch.Tensor, src: _Gate | None) -> torch.Tensor:
@@ -108,6 +114,11 @@ class _Gate:
         if self.bottleneck:
             z = F.relu(F.linear(z, self.w1, self.b1))
         return F.relu(F.linear(z, self.w, self.b))
+
+    def top(self, g: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices (N, k) of the k largest gate values, in any order (P and C use the same one); gates closed
+        by the ReLU (g = 0) rank by channel index, lower first, as the reference's ``gates._top``."""
+        return torch.where(g > 0, g, self.order).topk(k, dim=1, sorted=False).indices
 
     def expand_pooled(self, v: torch.Tensor) -> torch.Tensor:
         """The pooled compact tensor of this gate (N, K or u) at full width (N, C), multiplier applied: what
@@ -132,7 +143,7 @@ class _Gate:
         if not skip_g and (forced is None or self.value or ctx.forced_pays_predictor):
             g = self.scores(x, src)
             if forced is not None and ctx.forced_pays_predictor and self.topk and self.k < self.c:
-                g.topk(self.k, dim=1, sorted=False)  # benchmarks: the selection a top-k gate would run
+                self.top(g, self.k)  # benchmarks: the selection a top-k gate would run
         if forced is not None:
             mask = forced
             if mask.shape != (n, self.c):
@@ -142,13 +153,13 @@ class _Gate:
         elif skip_g or (self.topk and self.k >= self.c):
             self._full(n, g, None)
         elif self.topk:
-            idx = g.topk(self.k, dim=1, sorted=False).indices  # any order: P and C use the same one
+            idx = self.top(g, self.k)
             self.mask = None
             self.counts = np.full(n, self.k)
             self._choose(idx, g, ctx)
         else:
             mask = g > self.tau * ctx.scale
-            mask.scatter_(1, g.topk(self.floor, dim=1).indices, True)
+            mask.scatter_(1, self.top(g, self.floor), True)
             self._from_mask(mask, g, ctx)
         if ctx.record:
             ctx.records[self.name] = {"g": None if g is None else g.clone(), "keep": self.keep_mask()}
@@ -194,10 +205,13 @@ class _Gate:
         """idx: (N, K) kept channels per image (sentinel c = padding)."""
         n, kmax = idx.shape
         strategy = ctx.strategy
-        if n == 1 and strategy != "dense":  # batch 1: the exact-work gathered convs
-            self.strategy, self.kind, self.idx = "grouped", "per", idx
-            self.mult = torch.cat([g, g.new_zeros(1, 1)], 1).gather(1, idx) if self.value else None
-            return
+        if n == 1 and strategy != "dense":  # batch 1: the exact-work gathered convs, unless few channels are
+            kmax = idx.shape[1]  # skipped and the gathers would cost more than they save (auto only)
+            if strategy != "auto" or self._single(kmax) == "grouped":
+                self.strategy, self.kind, self.idx = "grouped", "per", idx
+                self.mult = torch.cat([g, g.new_zeros(1, 1)], 1).gather(1, idx) if self.value else None
+                return
+            strategy = "dense"
         union = None
         if strategy in ("auto", "union") and n > 1:
             used = torch.zeros(self.c + 1, dtype=torch.bool)
@@ -231,6 +245,15 @@ class _Gate:
         self.mult = None
         if self.value:
             self.mult = torch.cat([g, g.new_zeros(n, 1)], 1).gather(1, idx)
+
+    def _single(self, k: int) -> str:
+        """Batch 1: ``grouped`` (gathered weights, exact work) or ``dense`` by :func:`site_costs` with the batch-1
+        gather constant (memoised per k)."""
+        pick = self._single_picks.get(k)
+        if pick is None:
+            cost = site_costs(self, 1, k, k, k, False, k=_COST_B1)
+            pick = self._single_picks[k] = "grouped" if cost["grouped"] <= cost["dense"] else "dense"
+        return pick
 
     def keep_mask(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """bool (N, C) keep mask of the last call."""
@@ -271,7 +294,7 @@ def site_costs(gate: _Gate, n: int, k_sum: int, k_max: int, union: int, cl: bool
     out = dict.fromkeys(("grouped", "loop", "union", "dense"), 0.0)
     for lay in gate.layers:
         m, w = lay["macs"] / c, lay["w"]
-        rg = 1.0 + w * k_max / k["pad"]
+        rg = 1.0 + w * k_max / k["pad"] if n > 1 else 1.0  # one image: a plain conv
         out["dense"] += n * c * m * mac + call
         out["union"] += union * (n * m * mac + w * wf) + call
         out["grouped"] += n * k_max * (m * mac * rg + w * wf) + 2 * call
