@@ -45,7 +45,7 @@ import torch
 
 from _common import run_meta
 from instaprune.core.io import atomic_write_json, atomic_write_text
-from instaprune.method.analysis import ratio_quantiles
+from instaprune.method.analysis import analyze, ratio_quantiles
 from instaprune.method.calibration import (
     CalibrationConfig,
     Evaluator,
@@ -56,7 +56,7 @@ from instaprune.method.calibration import (
 from instaprune.method.masked import MaskedModel
 from instaprune.method.prune_aware import PruneAwareConfig, TargetController
 from instaprune.method.regularizer import FeatureDecayConfig
-from instaprune.method.thresholds import ThresholdConfig, saliency
+from instaprune.method.thresholds import ThresholdConfig
 from instaprune.pipeline.stages import cached_batches, discover, load_model, load_split
 from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
@@ -100,29 +100,16 @@ class PerPointController(TargetController):
 
 
 class StaticMasks:
-    """Static reference: the same channels dropped for every image (the lowest mean saliency on the holdout),
-    at every point the same fraction; forward pre-hooks, no controller."""
+    """Static reference: the same channels dropped for every image (the lowest mean saliency on the holdout,
+    ``instaprune.method.analysis.analyze``; runs before it summed in float32), at every point the same fraction;
+    forward pre-hooks, no controller."""
 
     def __init__(self, model, points, names, batches, target: float) -> None:
         dense = points.dense_macs
         sel = [p for p in points if p.name in names]
         drop = target / (sum(p.macs for p in sel) / dense)
-        sums: dict[str, torch.Tensor] = {}
+        sums = analyze(model, batches, points.subset(names)).sums  # per-channel saliency sums (the library's)
         mods = dict(model.named_modules())
-
-        def acc(n):
-            def fn(m, args):
-                s = saliency(args[0].float()).sum(0)
-                sums[n] = sums.get(n, 0) + s
-            return fn
-
-        hs = [mods[n].register_forward_pre_hook(acc(n)) for n in names]
-        model.eval()
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-        for h in hs:
-            h.remove()
         self.masks = {}
         for p in sel:
             k = max(1, round((1 - drop) * p.channels))
