@@ -421,6 +421,9 @@ class GatedConv2d(nn.Module):
             if mult is not None:
                 w = w * mult.to(w.dtype).view(1, -1, 1, 1)
             return self._conv(x, w, b, 1)
+        if (src is not None and src.strategy == "loop" and ik == "per") or \
+                (outs is not None and outs.strategy == "loop" and ok == "per"):
+            return self._run_loop(x, src, outs, rows, cols, mult, ctx)
         co, ci, khw = self.co, self.ci, self.khw
         kh, kw = self.weight.shape[2:]
         st = self.store
@@ -450,18 +453,41 @@ class GatedConv2d(nn.Module):
         cl_in = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         xs = x.contiguous()
         h, wd = xs.shape[2:]
-        loop = (src is not None and src.strategy == "loop" and ik == "per") or \
-            (outs is not None and outs.strategy == "loop" and ok == "per")
-        if n == 1 or not loop:
-            out = self._conv(xs.view(1, n * ki, h, wd), wg, bg, n)
-            out = out.view(n, ko, *out.shape[2:])
-        else:
-            parts = [self._conv(xs[i:i + 1], wg[i * ko:(i + 1) * ko], bg[i * ko:(i + 1) * ko], 1)
-                     for i in range(n)]
-            out = torch.cat(parts)
+        out = self._conv(xs.view(1, n * ki, h, wd), wg, bg, n)
+        out = out.view(n, ko, *out.shape[2:])
         if ok in ("none", "full") and (cl_in or ctx.cl):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+    def _run_loop(self, x: torch.Tensor, src: _Gate | None, outs: _Gate | None, rows: torch.Tensor | None,
+                  cols: torch.Tensor | None, mult: torch.Tensor | None, ctx: GateContext) -> torch.Tensor:
+        """One conv per image with that image's own rows / columns gathered (exact work even with threshold
+        budgets: padded slots are not computed, the output is zero-padded to the batch's largest count)."""
+        n = x.shape[0]
+        k_out = self.co if rows is None else rows.shape[-1]
+        parts = []
+        for i in range(n):
+            w, b, xi = self.weight, self.bias, x[i:i + 1]
+            if rows is not None:
+                r = rows if rows.dim() == 1 else rows[i, : int(outs.counts[i])]
+                w, b = w.index_select(0, r), b.index_select(0, r)
+            if cols is not None:
+                if cols.dim() == 1:
+                    c = cols
+                else:
+                    c = cols[i, : int(src.counts[i])]
+                    xi = xi[:, : c.numel()]
+                w = w.index_select(1, c)
+            if mult is not None:
+                w = w * mult[i, : w.shape[1]].to(w.dtype).view(1, -1, 1, 1)
+            o = self._conv(xi, w, b, 1)
+            if o.shape[1] < k_out:  # padded slots of this image (zeros: C's padded columns are zero too)
+                o = F.pad(o, (0, 0, 0, 0, 0, k_out - o.shape[1]))
+            parts.append(o)
+        out = torch.cat(parts)
+        if rows is not None:
+            return out.contiguous()  # a compact tensor: NCHW like the other per-image kernels
+        return out.contiguous(memory_format=torch.channels_last) if ctx.cl else out
 
     def _run_depthwise(self, x: torch.Tensor, src: _Gate | None, outs: _Gate | None, ok: str) -> torch.Tensor:
         st = self.store
