@@ -405,3 +405,28 @@ def test_gated_export_matches_the_reference(tmp_path):
     assert "TopK" in res.onnx_ops
     info = json.loads((tmp_path / "export.json").read_text())
     assert info["method"] == "gates" and info["selected_points"] == gates.names()
+
+
+def test_greedy_allocation_reaches_the_target_and_never_loses_to_uniform():
+    from instaprune.method.gates import allocate_keep
+
+    model = _model("resnet20")
+    gates = find_gates(model, torch.zeros(1, 3, 32, 32))
+    cfg = GateConfig()
+    attach_predictors(model, gates, cfg)
+    torch.manual_seed(0)
+    for p in getattr(model, GATES_ATTR).parameters():
+        nn.init.normal_(p, 0.0, 0.3)
+    gated = GatedModel(model, gates, cfg)
+    batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(2)]
+    keep, info = allocate_keep(gated, batches, 0.5, "greedy", rungs=4)
+    assert info["chosen"] in ("greedy", "uniform") and info["evaluations"] > len(gates)
+    gated.set_keep(keep)
+    with torch.no_grad():
+        gated(batches[0][0])
+    red = 1 - (float(gated.instance_macs().mean()) + gated.overhead_macs()) / gates.dense_macs
+    assert red >= 0.5 - 0.01
+    if info["chosen"] == "greedy":
+        assert info["greedy"]["top1"] >= info["uniform"]["top1"]
+    uni, info_u = allocate_keep(gated, batches, 0.5, "uniform")
+    assert len(set(uni.values())) == 1 and info_u["chosen"] == "uniform"

@@ -64,6 +64,8 @@ __all__ = [
     "fit_predictors",
     "GatePlan",
     "gated_from_plan",
+    "ALLOCATIONS",
+    "allocate_keep",
 ]
 
 GATE_SELECTIONS = ("topk", "threshold")
@@ -585,7 +587,7 @@ def uniform_keep_for_target(gates: GateReport, target: float, dense_macs: int | 
     """The keep fraction r, the same for every gate, whose top-k MACs reach a FLOPs reduction of ``target``
     (overhead included); raises :class:`ConfigError` when the gates cannot reach it."""
     dense = dense_macs or gates.dense_macs
-    probe = _TopkMacs(gates, gates.dense_macs)
+    probe = _TopkMacs(gates, gates.dense_macs, min_keep)
 
     def reduction(r: float) -> float:
         return 1.0 - (probe.macs(dict.fromkeys(gates.names(), r)) + overhead) / dense
@@ -611,9 +613,10 @@ def _gated_share(gates: GateReport, dense: int) -> float:
 class _TopkMacs:
     """MACs of top-k budgets without running the model (every image costs the same)."""
 
-    def __init__(self, gates: GateReport, start: int) -> None:
+    def __init__(self, gates: GateReport, start: int, min_keep: float = 0.05) -> None:
         self.gates = gates
         self.dense = start  # the model's own dense MACs (a slimmed model's are below the original's)
+        self.floor = GateConfig(min_keep=min_keep).floor
         self.layer = dict(gates.layer_macs)
         self.dw = {p for s in gates for p in s.producers[1:]}
 
@@ -621,7 +624,7 @@ class _TopkMacs:
         fin: dict[str, float] = {}
         fout: dict[str, float] = {}
         for s in self.gates:
-            k = max(1, min(s.channels, round(keep[s.name] * s.channels)))
+            k = max(self.floor(s.channels), min(s.channels, round(keep[s.name] * s.channels)))
             f = k / s.channels
             fin[s.name] = f
             for p in s.producers:
@@ -631,6 +634,112 @@ class _TopkMacs:
             frac = fout[layer] if layer in self.dw else fin.get(layer, 1.0) * fout.get(layer, 1.0)
             total -= self.layer[layer] * (1.0 - frac)
         return total
+
+
+ALLOCATIONS = ("uniform", "greedy")
+
+
+@torch.no_grad()
+def _score(gated: GatedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+           keep: Mapping[str, float]) -> tuple[float, float]:
+    """(top-1, mean cross-entropy) of ``gated`` with top-k budgets ``keep`` on ``batches`` (eval mode)."""
+    saved, was = dict(gated.keep), gated.training
+    gated.set_keep(keep)
+    gated.eval()
+    correct = loss = seen = 0.0
+    try:
+        for x, y in batches:
+            out = gated(x)
+            correct += float((out.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            seen += len(y)
+    finally:
+        gated.keep = saved
+        gated.train(was)
+    return correct / seen, loss / seen
+
+
+def allocate_keep(gated: GatedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], target: float,
+                  search: str = "greedy", rungs: int = 8) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-gate top-k budgets whose MACs reach ``target`` (overhead included, against ``gated.dense_macs``).
+
+    ``uniform``: one kept fraction for every gate. ``greedy``: from every gate open, repeatedly lower the gate
+    whose next rung (1/``rungs`` of its closable channels) costs the least loss on ``batches`` per MAC saved
+    (lazy greedy), until the target is reached; then every budget is eased back by one common factor so the
+    target is hit exactly. The greedy result is kept only if its top-1 on ``batches`` is at least the uniform
+    one's, so the search never does worse than uniform on the split it is given (a held-out split)."""
+    import heapq
+
+    if search not in ALLOCATIONS:
+        raise ConfigError(f"gate allocation must be one of {', '.join(ALLOCATIONS)}, got {search!r}")
+    gates = gated.gates
+    probe = _TopkMacs(gates, gates.dense_macs, gated.cfg.min_keep)
+    overhead, dense = gated.overhead_macs(), gated.dense_macs
+
+    def reduction(keep: Mapping[str, float]) -> float:
+        return 1.0 - (probe.macs(keep) + overhead) / dense
+
+    uni = dict.fromkeys(gates.names(), uniform_keep_for_target(gates, target, dense, gated.cfg.min_keep, overhead))
+    u_top1, u_loss = _score(gated, batches, uni)
+    info: dict[str, Any] = {"search": search, "chosen": "uniform", "evaluations": 1,
+                            "uniform": {"top1": u_top1, "loss": u_loss, "keep": uni[gates.names()[0]]}}
+    if search == "uniform":
+        return uni, info
+    low = {s.name: gated.cfg.floor(s.channels) / s.channels for s in gates}
+
+    def keep_at(lv: Mapping[str, int]) -> dict[str, float]:
+        return {n: 1.0 - (1.0 - low[n]) * i / rungs for n, i in lv.items()}
+
+    level = dict.fromkeys(gates.names(), 0)
+    cur_loss = _score(gated, batches, keep_at(level))[1]
+    evals = 2
+    heap: list[tuple[float, int, str]] = []
+    stamp = 0
+
+    def ratio(n: str) -> float | None:
+        nonlocal evals
+        if level[n] >= rungs:
+            return None
+        trial = {**level, n: level[n] + 1}
+        saved = reduction(keep_at(trial)) - reduction(keep_at(level))
+        if saved <= 0:
+            return None
+        evals += 1
+        return (_score(gated, batches, keep_at(trial))[1] - cur_loss) / saved
+
+    for n in level:
+        r = ratio(n)
+        if r is not None:
+            heapq.heappush(heap, (r, stamp, n))
+    while heap and reduction(keep_at(level)) < target:
+        r, st, n = heapq.heappop(heap)
+        if st != stamp:  # stale score: re-evaluate against the current budgets
+            r2 = ratio(n)
+            if r2 is not None:
+                heapq.heappush(heap, (r2, stamp, n))
+            continue
+        level[n] += 1
+        stamp += 1
+        cur_loss = _score(gated, batches, keep_at(level))[1]
+        evals += 1
+        r2 = ratio(n)
+        if r2 is not None:
+            heapq.heappush(heap, (r2, stamp, n))
+    greedy = keep_at(level)
+    if reduction(greedy) < target:
+        info["greedy"] = {"unreachable": True}
+        return uni, info
+    lo, hi = 0.0, 1.0  # ease every budget back by one factor a: keep = 1 - (1 - keep) * a
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reduction({n: 1 - (1 - k) * mid for n, k in greedy.items()}) >= target else (mid, hi)
+    greedy = {n: 1 - (1 - k) * hi for n, k in greedy.items()}
+    g_top1, g_loss = _score(gated, batches, greedy)
+    info.update(greedy={"top1": g_top1, "loss": g_loss, "keep": greedy}, evaluations=evals + 1)
+    if g_top1 >= u_top1:
+        info["chosen"] = "greedy"
+        return greedy, info
+    return uni, info
 
 
 class GateRamp:
