@@ -430,3 +430,40 @@ def test_greedy_allocation_reaches_the_target_and_never_loses_to_uniform():
         assert info["greedy"]["top1"] >= info["uniform"]["top1"]
     uni, info_u = allocate_keep(gated, batches, 0.5, "uniform")
     assert len(set(uni.values())) == 1 and info_u["chosen"] == "uniform"
+
+
+def test_one_model_mixes_gates_and_post_hoc_points():
+    model = _model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    gates = find_gates(model, x[:1])
+    points = find_prune_points(model, x[:1])
+    stream = [p.name for p in points if p.name.endswith("conv1") and p.name.startswith("layer")]  # residual stream
+    cfg = GateConfig()
+    attach_predictors(model, gates, cfg)
+    with pytest.raises(ConfigError, match="either gated or a post-hoc point"):
+        GatedModel(model, gates, cfg, points=points, point_taus={"layer1.0.conv2": 0.1})
+    mixed = GatedModel(model, gates, cfg, keep=dict.fromkeys(gates.names(), 0.5), points=points,
+                       point_taus=dict.fromkeys(stream, 0.5))
+    only = GatedModel(model, gates, cfg, keep=dict.fromkeys(gates.names(), 0.5))
+    only.enabled = False
+    with torch.no_grad():
+        mixed(x)
+    only.remove()
+    assert set(mixed.posthoc.active) == set(stream)
+    for name in stream:  # the block's conv1 reads a post-hoc mask and writes a gated tensor: both fractions
+        site = next(s for s in gates if name in s.producers)
+        f_in = mixed.posthoc.active[name].double() / next(p.channels for p in points if p.name == name)
+        f_out = mixed.active[site.name].double() / site.channels
+        assert torch.all(f_in < 1) and torch.all(f_out < 1)
+    gated_only = GatedModel(model, gates, cfg, keep=dict.fromkeys(gates.names(), 0.5))
+    mixed.enabled = mixed.posthoc.enabled = False  # its hooks stay attached: switch them off
+    with torch.no_grad():
+        gated_only(x)
+    layer = dict(gates.layer_macs)
+    saved = sum(layer[n] * (1 - mixed.posthoc.active[n].double() / next(p.channels for p in points if p.name == n))
+                * (mixed.active[next(s.name for s in gates if n in s.producers)].double()
+                   / next(s.channels for s in gates if n in s.producers)) for n in stream)
+    torch.testing.assert_close(mixed.instance_macs(), gated_only.instance_macs() - saved)
+    assert mixed.overhead_macs() > gated_only.overhead_macs()
+    mixed.remove()
+    gated_only.remove()

@@ -43,9 +43,10 @@ from torch import nn
 
 from instaprune.core.errors import ConfigError, ModelError, PlanMismatchError
 from instaprune.method.flops import layer_macs
-from instaprune.method.points import GATES_ATTR
+from instaprune.method.masked import MaskedModel
+from instaprune.method.points import GATES_ATTR, PointReport
 from instaprune.method.regularizer import PENALTIES, penalty
-from instaprune.method.thresholds import saliency
+from instaprune.method.thresholds import ThresholdConfig, saliency
 
 __all__ = [
     "GATE_SELECTIONS",
@@ -371,9 +372,18 @@ class GatedModel(nn.Module):
 
     def __init__(self, model: nn.Module, gates: GateReport, cfg: GateConfig | None = None,
                  keep: Mapping[str, float] | None = None, taus: Mapping[str, float] | None = None,
-                 scale: float = 1.0, dense_macs: int | None = None) -> None:
+                 scale: float = 1.0, dense_macs: int | None = None, points: PointReport | None = None,
+                 point_taus: Mapping[str, float] | None = None, thresholds: ThresholdConfig | None = None) -> None:
         super().__init__()
         self.model = model
+        self.posthoc: MaskedModel | None = None
+        if point_taus:  # the paper's post-hoc points on tensors the gates do not cover (one model, both rules)
+            if points is None:
+                raise ConfigError("post-hoc thresholds need the model's prune points")
+            both = sorted(set(point_taus) & set(gates.names()))
+            if both:
+                raise ConfigError(f"a tensor is either gated or a post-hoc point, not both: {', '.join(both[:5])}")
+            self.posthoc = MaskedModel(model, points, point_taus, thresholds, scale, record_masks=True)
         self.gates = gates
         self.cfg = cfg or GateConfig()
         bank = getattr(model, GATES_ATTR, None)
@@ -505,6 +515,9 @@ class GatedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.values, self.masks, self.active = {}, {}, {}
         self._batch = x.shape[0]
+        if self.posthoc is not None:
+            self.posthoc.active, self.posthoc.masks = {}, {}
+            self.posthoc.enabled = self.enabled
         return self.model(x)
 
     # ------------------------------------------------------------------ MACs
@@ -519,6 +532,10 @@ class GatedModel(nn.Module):
             fin[s.name] = f
             for p in s.producers:
                 fout[p] = f  # a depthwise producer: its input and output channels are the same ones (once)
+        if self.posthoc is not None:
+            for p in self.posthoc.selected:
+                if p.name in self.posthoc.active:
+                    fin[p.name] = self.posthoc.active[p.name].to(torch.float64) / p.channels
         return fin, fout
 
     def instance_macs(self) -> torch.Tensor:
@@ -535,7 +552,7 @@ class GatedModel(nn.Module):
             groups = self._groups.get(layer, 1)
             if layer in dw:
                 frac = fout[layer]
-            elif groups > 1 and layer in fin and layer in fout:
+            elif groups > 1 and layer in fin and layer in fout and layer in self._groups:
                 frac = self._grouped_fraction(layer, groups)
             else:
                 frac = fin.get(layer, 1.0) * fout.get(layer, 1.0)
@@ -544,7 +561,8 @@ class GatedModel(nn.Module):
 
     def _grouped_fraction(self, layer: str, groups: int) -> torch.Tensor:
         """Fraction of a grouped conv's (input, output) channel pairs that are computed, per image."""
-        m_in = self.masks[layer].to(torch.float64)  # the gate whose consumer is ``layer``
+        # the gate whose consumer is ``layer``, or the post-hoc point there
+        m_in = (self.masks[layer] if layer in self.masks else self.posthoc.masks[layer]).to(torch.float64)
         m_out = next(self.masks[s.name] for s in self.gates if layer in s.producers).to(torch.float64)
         n = m_in.shape[0]
         k_in = m_in.view(n, groups, -1).sum(2)
@@ -556,8 +574,9 @@ class GatedModel(nn.Module):
 
     def overhead_macs(self) -> int:
         """Predictors: the pool over X (C_in*H*W), the linears, and the selection (C)."""
-        return sum(s.in_channels * s.in_height * s.in_width + self.bank[_key(s.name)].macs() + s.channels
-                   for s in self.gates)
+        own = sum(s.in_channels * s.in_height * s.in_width + self.bank[_key(s.name)].macs() + s.channels
+                  for s in self.gates)
+        return own + (self.posthoc.overhead_macs() if self.posthoc is not None else 0)
 
     @property
     def report(self) -> Any:  # the interface TargetController reads (``report.dense_macs``)
@@ -567,6 +586,8 @@ class GatedModel(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.posthoc is not None:
+            self.posthoc.remove()
         return self.model
 
 
@@ -882,7 +903,11 @@ class GatePlan:
                    dense_macs=int(d.get("dense_macs", 0)), static=d.get("static"))
 
 
-def gated_from_plan(model: nn.Module, gates: GateReport, plan: GatePlan, scale: float = 1.0) -> GatedModel:
-    """The reference gated model of ``plan`` on ``model`` (whose predictors are loaded)."""
+def gated_from_plan(model: nn.Module, gates: GateReport, plan: GatePlan, scale: float = 1.0,
+                    points: PointReport | None = None, point_taus: Mapping[str, float] | None = None,
+                    thresholds: ThresholdConfig | None = None) -> GatedModel:
+    """The reference gated model of ``plan`` on ``model`` (whose predictors are loaded), with the paper's
+    post-hoc points ``point_taus`` on other tensors when the plan mixes both."""
     return GatedModel(model, plan.report(gates), plan.config, keep=plan.keep, taus=plan.taus, scale=scale,
-                      dense_macs=plan.dense_macs or None)
+                      dense_macs=plan.dense_macs or None, points=points, point_taus=point_taus,
+                      thresholds=thresholds)
