@@ -27,8 +27,8 @@ import numpy as np
 
 from _common import ROOT, Stage, run_lanes, run_meta
 
-WORK = ROOT / "results" / "study2"
-FIRST = ROOT / "results" / "study"
+WORK = Path("results") / "study2"  # relative to the repository root (run from there): no machine paths recorded
+FIRST = Path("results") / "study"
 TRAIN_DATA = ".data/cifar10-train-jpeg"
 TEST_DATA = "../shared/data/cifar10-test-jpeg"
 HOLDOUT = 5000
@@ -57,7 +57,7 @@ def adapted(model: str) -> str:
     d = FIRST / model / "adapt"
     for name in ("model.safetensors", "model.pt"):
         if (d / name).is_file():
-            return str((d / name).relative_to(ROOT))
+            return str(d / name)
     raise SystemExit(f"cifar10_gates: the adapted baseline of {model} is missing in {d}")
 
 
@@ -138,7 +138,7 @@ def status(model: str, work: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def report(model: str, work: Path, results: Path = ROOT / "results") -> Path:
+def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     from cifar10_study import paired_bootstrap  # the first study's paired bootstrap (10,000 resamples)
 
     w = work / model
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run only stages whose name starts with this")
     ap.add_argument("--dry", action="store_true")
     a = ap.parse_args(argv)
+    if Path.cwd().resolve() != ROOT:
+        raise SystemExit(f"cifar10_gates: run from the repository root ({ROOT})")
     if a.action == "status":
         status(a.model, a.work)
         return 0
