@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: metas[0][k] for k in ("cpu", "torch", "cores")},
                 "git_commits": sorted({m["git_commit"] for m in metas}),
                 "date": max(m["date"] for m in metas), "pairs": min(m["pairs"] for m in metas),
-                "max_procs_running": max(m.get("max_procs_running", 0) for m in metas), "parts": metas}
+                "max_procs_running": max(m.get("max_procs_running", 0) for m in metas),
+                "loaded": any(m.get("loaded") for m in metas), "parts": metas}
         keyed: dict[tuple, dict] = {}  # a row measured again in a later part replaces the earlier one
         for row in (row for r in runs for row in r["rows"]):
             keyed[tuple(row.get(k) for k in ("level", "method", "model", "layer", "batch", "threads",
@@ -570,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_avg_at_end"] = list(os.getloadavg())
     meta["elapsed_s"] = round(time.time() - start, 1)
     meta["max_procs_running"] = max((r.get("procs_running", 0) for r in rows), default=0)
+    # other processes competed for the cores (runnable processes beyond this run's threads, or a load average
+    # above them at the start): the report then says so above every table
+    meta["loaded"] = (meta["max_procs_running"] > max(threads) + 1
+                      or meta["load_avg_at_start"][0] > max(threads) + 0.5)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     md, png = render(meta, rows, out)
     atomic_write_text(out.with_suffix(".md"), md)

@@ -143,11 +143,24 @@ def gate_goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def _load_note(rows: list[dict]) -> list[str]:
+    busy = [r for r in rows if r.get("procs_running", 0) > r["threads"] + 1]
+    if not busy:
+        return []
+    top = max(r["procs_running"] for r in busy)
+    return [f"**Measured under load**: {len(busy)} of {len(rows)} rows saw other runnable processes (up to {top} "
+            "runnable on this 2-core machine while timing; two training runs occupied the cores). One-thread rows "
+            "use CPU time (robust to waiting, not to shared caches and memory bandwidth): ratios are indicative, "
+            "not the machine's idle latency.", ""]
+
+
 def _meta_block(meta: dict) -> list[str]:
     lines = ["```", json.dumps(meta, indent=1), "```", ""]
-    if meta.get("loaded"):
+    if meta.get("loaded") and "load_avg_at_start" in meta:
         lines += [f"**The machine was loaded** (load average {meta['load_avg_at_start'][0]:.2f} at start, "
                   f"{meta['load_avg_at_end'][0]:.2f} at end, on {meta['cores']} cores).", ""]
+    elif meta.get("loaded"):
+        lines += ["**Part of these rows was measured on a loaded machine** (see `parts` and each section).", ""]
     return lines
 
 
@@ -176,7 +189,7 @@ def render(meta: dict, rows: list[dict], out: Path) -> tuple[str, Path]:
                   "gated plan (policy tuned on its first call: per-gate cost model `auto` or one strategy on every "
                   "gate, NCHW or channels_last). Masks: every image keeps k = round(keep x C) channels per gate, "
                   "drawn independently (no calibrated gated plan exists yet: synthetic budgets).", "",
-                  *gate_goals(rows), "",
+                  *_load_note(gate), *gate_goals(rows), "",
                   "| model | batch | thr | keep | dense ms | slim ms | dyn ms | speedup | theor. | eff. | slim "
                   "speedup | dyn/slim | policy | strategies | pred/gath/conv/other ms |", "|" + "---|" * 15]
         for r in gate:

@@ -104,6 +104,7 @@ class _Gate:
         self.n = 0
         self._mask_cache: tuple | None = None
         self._single_picks: dict[int, str] = {}
+        self._counts: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------ prediction
     def scores(self, x: torch.Tensor, src: _Gate | None) -> torch.Tensor:
@@ -113,7 +114,7 @@ class _Gate:
             z = src.expand_pooled(z)
         if self.bottleneck:
             z = F.relu(F.linear(z, self.w1, self.b1))
-        return F.relu(F.linear(z, self.w, self.b))
+        return F.linear(z, self.w, self.b).relu_()
 
     def top(self, g: torch.Tensor, k: int) -> torch.Tensor:
         """Indices (N, k) of the k largest gate values, in any order (P and C use the same one); gates closed
@@ -155,7 +156,10 @@ class _Gate:
         elif self.topk:
             idx = self.top(g, self.k)
             self.mask = None
-            self.counts = np.full(n, self.k)
+            counts = self._counts.get(n)
+            if counts is None:
+                counts = self._counts[n] = np.full(n, self.k)
+            self.counts = counts
             self._choose(idx, g, ctx)
         else:
             mask = g > self.tau * ctx.scale
@@ -285,7 +289,8 @@ def site_costs(gate: _Gate, n: int, k_sum: int, k_max: int, union: int, cl: bool
     - dense   = N*C*m*mac + call (+ the masking pass N*C*P*xm at C)
     - union   = u*(N*m*mac + w*wf) + call (+ the masking pass N*u*P*xf at C)
     - grouped = N*k_max*(m*mac*rg + w*wf) + 2*call, rg = 1 + w*k_max/pad (oneDNN's grouped conv degrades as
-      each group's weights grow) (+ the relayouts of P's input and C's output on channels_last)
+      each group's weights grow) (+ the relayouts of P's input and C's output on channels_last); at batch 1 a
+      plain conv on gathered weights: rg = 1, one call
     - loop    = sum_i k_i*(m*mac*1.15 + w*wf) + N*call
     """
     k = k or COST
@@ -297,7 +302,7 @@ def site_costs(gate: _Gate, n: int, k_sum: int, k_max: int, union: int, cl: bool
         rg = 1.0 + w * k_max / k["pad"] if n > 1 else 1.0  # one image: a plain conv
         out["dense"] += n * c * m * mac + call
         out["union"] += union * (n * m * mac + w * wf) + call
-        out["grouped"] += n * k_max * (m * mac * rg + w * wf) + 2 * call
+        out["grouped"] += n * k_max * (m * mac * rg + w * wf) + (2 if n > 1 else 1) * call
         out["loop"] += k_sum * (m * mac * _LOOP_PENALTY + w * wf) + n * call
         if lay["role"] == "consumer":
             out["dense"] += n * c * lay["pix"] * xm
@@ -347,6 +352,14 @@ class GatedConv2d(nn.Module):
         self.produces: _Gate | None = None  # gate whose channels this layer's output is
         self.consumes: _Gate | None = None  # gate read at this layer's input (multiplier applied)
         self.store: dict[str, torch.Tensor] = {}
+        self._wb = (w, self.bias)  # plain attributes on the per-call path (no nn.Module.__getattr__)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._wb = (self.weight, self.bias)
+        if self.store:
+            self.prepare()
+        return out
 
     def prepare(self) -> None:
         """Arrange the weights the gathers need (once, after the gates are attached)."""
@@ -396,7 +409,7 @@ class GatedConv2d(nn.Module):
         if self.groups > 1:
             return self._run_grouped(x, src, outs, mult, ctx)
         if ik != "per" and ok != "per":
-            w, b = self.weight, self.bias
+            w, b = self._wb
             if ok == "shared":
                 w, b = w.index_select(0, outs.idx), b.index_select(0, outs.idx)
             if ik == "shared":
@@ -412,7 +425,7 @@ class GatedConv2d(nn.Module):
         rows = outs.idx if ok in ("per", "shared") else None
         cols = src.idx if ik in ("per", "shared") else None
         if n == 1:  # one image: gather the kept rows / columns of the folded weights, one plain conv
-            w, b = self.weight, self.bias
+            w, b = self._wb
             if rows is not None:
                 r = rows.view(-1)
                 w, b = w.index_select(0, r), b.index_select(0, r)
@@ -425,7 +438,7 @@ class GatedConv2d(nn.Module):
                 (outs is not None and outs.strategy == "loop" and ok == "per"):
             return self._run_loop(x, src, outs, rows, cols, mult, ctx)
         co, ci, khw = self.co, self.ci, self.khw
-        kh, kw = self.weight.shape[2:]
+        kh, kw = self._wb[0].shape[2:]
         st = self.store
         if rows is not None and cols is not None:
             r = rows.view(n, -1) if rows.dim() == 2 else rows.view(1, -1).expand(n, -1)
@@ -445,11 +458,11 @@ class GatedConv2d(nn.Module):
             wg = wg * mult.to(wg.dtype)[:, None, :, None]
         wg = wg.reshape(n * ko, ki, kh, kw).contiguous()
         if rows is None:
-            bg = self.bias.repeat(n)
+            bg = self._wb[1].repeat(n)
         elif rows.dim() == 2:
             bg = st["b_ext"].index_select(0, rows.reshape(-1))
         else:
-            bg = self.bias.index_select(0, rows).repeat(n)
+            bg = self._wb[1].index_select(0, rows).repeat(n)
         cl_in = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         xs = x.contiguous()
         h, wd = xs.shape[2:]
@@ -467,7 +480,7 @@ class GatedConv2d(nn.Module):
         k_out = self.co if rows is None else rows.shape[-1]
         parts = []
         for i in range(n):
-            w, b, xi = self.weight, self.bias, x[i:i + 1]
+            (w, b), xi = self._wb, x[i:i + 1]
             if rows is not None:
                 r = rows if rows.dim() == 1 else rows[i, : int(outs.counts[i])]
                 w, b = w.index_select(0, r), b.index_select(0, r)
@@ -480,7 +493,11 @@ class GatedConv2d(nn.Module):
                 w = w.index_select(1, c)
             if mult is not None:
                 w = w * mult[i, : w.shape[1]].to(w.dtype).view(1, -1, 1, 1)
-            o = self._conv(xi, w, b, 1)
+            if w.shape[0] == 0 or w.shape[1] == 0:  # an image with no kept channel (forced masks only)
+                ho, wo = self._out_hw(xi.shape[2], xi.shape[3])
+                o = apply_activation(b.view(1, -1, 1, 1).expand(1, w.shape[0], ho, wo).clone(), self.act)
+            else:
+                o = self._conv(xi, w, b, 1)
             if o.shape[1] < k_out:  # padded slots of this image (zeros: C's padded columns are zero too)
                 o = F.pad(o, (0, 0, 0, 0, 0, k_out - o.shape[1]))
             parts.append(o)
@@ -489,15 +506,21 @@ class GatedConv2d(nn.Module):
             return out.contiguous()  # a compact tensor: NCHW like the other per-image kernels
         return out.contiguous(memory_format=torch.channels_last) if ctx.cl else out
 
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        kh, kw = self._wb[0].shape[2:]
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
     def _run_depthwise(self, x: torch.Tensor, src: _Gate | None, outs: _Gate | None, ok: str) -> torch.Tensor:
         st = self.store
         if outs is None or ok == "full":
-            return self._conv(x, self.weight, self.bias, self.groups)
+            return self._conv(x, *self._wb, self.groups)
         if ok == "shared":
             u = outs.idx
             if src is None:  # the depthwise conv is the first producer: its input is full width
                 x = x.index_select(1, u)
-            return self._conv(x, self.weight.index_select(0, u), self.bias.index_select(0, u), u.numel())
+            w, b = self._wb
+            return self._conv(x, w.index_select(0, u), b.index_select(0, u), u.numel())
         idx = outs.idx
         n, k = idx.shape
         xs = x.contiguous()
@@ -519,7 +542,7 @@ class GatedConv2d(nn.Module):
             x = _to_full(x, src, mult)
         elif mult is not None:
             x = x * mult.to(x.dtype)[:, :, None, None]
-        out = self._conv(x, self.weight, self.bias, self.groups)
+        out = self._conv(x, *self._wb, self.groups)
         if outs is None or outs.kind == "full":
             return out
         if outs.kind == "shared":
