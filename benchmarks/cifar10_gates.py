@@ -156,6 +156,18 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                       "top1": ev.get("top1", ev["dense_top1"]), "flops_reduction": red,
                       "per_image_flops_p90_over_p10": ev.get("per_image_flops_p90_over_p10"),
                       "cost_seconds": _cost(w / name), "cpu_seconds": _cpu(w / name), "_correct": correct})
+    base_per = FIRST / model / "ev_dense" / "per_image.npz"  # the adapted baseline's own confidence per image
+    base_conf = np.load(base_per)["dense_confidence"] if base_per.is_file() else None
+    for r in table:
+        per = w / f"ev_{tag(r['variant'], r['target'], r['budget'])}" / "per_image.npz"
+        if base_conf is not None and per.is_file() and "flops" in np.load(per):
+            import torch
+
+            from instaprune.evaluation.report import spearman
+
+            flops = np.load(per)["flops"]
+            r["spearman_flops_baseline_confidence"] = (
+                spearman(torch.tensor(flops), torch.tensor(base_conf)) if np.ptp(flops) > 0 else None)
     for r in table:  # paired differences to the static row of the same target and budget
         st = next((s for s in table if s["variant"] == "static" and s["target"] == r["target"]
                    and s["budget"] == r["budget"]), None)
@@ -173,14 +185,15 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     md = [f"# CIFAR-10 study 2: {model}, gates vs static (test split; choices on the holdout)", "",
           f"Adapted baseline top-1 {meta['baseline_top1']}; budgets in epochs after it: {BUDGETS['short'][model]} "
           f"(short), {BUDGETS['long'][model]} (long). Peers train 200-400 epochs on GPUs.", "",
-          "| row | target | budget | holdout top-1 | test top-1 | FLOPs reduction | p90/p10 | minus static [95% CI] "
-          "| wall / CPU (min) |", "|---|---|---|---|---|---|---|---|---|"]
+          "| row | target | budget | holdout top-1 | test top-1 | FLOPs reduction | p90/p10 | Spearman(FLOPs, "
+          "baseline conf.) | minus static [95% CI] | wall / CPU (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         d = r.get("minus_static")
         ds = f"{100 * d['diff']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" if d else ""
         md.append(f"| {r['variant']} | {r['target']} | {r['budget']} ({r['epochs']}) | {_f(r['holdout_top1'])} | "
                   f"{_f(r['top1'])} | {_f(r['flops_reduction'], 3)} | {_f(r['per_image_flops_p90_over_p10'], 2)} | "
-                  f"{ds} | {_f((r['cost_seconds'] or 0) / 60, 0)} / "
+                  f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {ds} | "
+                  f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
     path = atomic_write_text(results / f"cifar10_gates_{model}.md", "\n".join(md) + "\n")
     _plot(table, results / f"cifar10_gates_{model}.png", model, meta["baseline_top1"])
