@@ -1,25 +1,44 @@
-"""Implementations of the CLI subcommands: load files, call the library, render results.
+"""Implementations of the CLI subcommands: check the options, check the output directory, load and check the
+files, call the library, render results. Only the ``cli`` package prints; the library returns data.
 
-Only this module and ``cli.py`` print; the library returns data.
+Order in every command: options become the library's validated configs first (a bad value is refused before any
+data is loaded), then the output directory is checked (a file, not writable, or inside the input data: refused),
+then inputs are loaded and checked; the output directory and its ``config.yaml`` are written only once the
+inputs passed, so a refused run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from instaprune.cli.progress import Progress
 from instaprune.core.errors import ConfigError
 
-__all__ = ["cmd_points", "cmd_train", "cmd_analyze", "cmd_calibrate", "cmd_evaluate", "cmd_demo",
-           "cmd_export"]
+__all__ = ["cmd_points", "cmd_train", "cmd_analyze", "cmd_calibrate", "cmd_evaluate", "cmd_benchmark", "cmd_demo",
+           "cmd_export", "save_resolved", "default_batch", "train_config", "calibration_config",
+           "posthoc_schedule"]
+
+log = logging.getLogger("instaprune")
 
 
 def _out(text: str = "") -> None:
     print(text)
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"instaprune: warning: {text}", file=sys.stderr)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -30,17 +49,110 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _bar(total: int, desc: str, enabled: bool = True):
-    from tqdm import tqdm
+def default_batch() -> int:
+    from instaprune.core.config import field_default
+    from instaprune.training.loop import TrainConfig
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None if enabled else True,
-                dynamic_ncols=True)
+    return int(field_default(TrainConfig, "batch_size"))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def calibration_config(args: argparse.Namespace):
+    from instaprune.method.calibration import CalibrationConfig
+    from instaprune.method.thresholds import ThresholdConfig
+
+    return CalibrationConfig(target=args.target, search=args.search, tolerance=args.tolerance,
+                             thresholds=ThresholdConfig(args.mode, args.min_keep), search_images=args.search_images,
+                             bn_recalibration=bool(getattr(args, "bn_recal", False)))
+
+
+def train_config(args: argparse.Namespace):
+    from instaprune.method.regularizer import FeatureDecayConfig
+    from instaprune.training.loop import TrainConfig
+
+    decay = FeatureDecayConfig(args.lam, args.penalty, args.weights)
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                       label_smoothing=args.label_smoothing, augment=None if args.augment == "none" else args.augment,
+                       amp=args.amp, accumulate=args.accumulate, seed=args.seed, decay=decay,
+                       checkpoint_every=args.checkpoint_every, freeze_bn=args.freeze_bn, sync_bn=args.sync_bn,
+                       distill=args.distill)
+
+
+def posthoc_schedule(args: argparse.Namespace):
+    from instaprune.pipeline.posthoc import PosthocSchedule
+
+    return PosthocSchedule(prune_aware_epochs=args.prune_aware_epochs, prune_aware_lr=args.prune_aware_lr,
+                           prune_aware_lam=args.prune_aware_lam,
+                           prune_aware_control=args.prune_aware_control == "on",
+                           prune_aware_ramp=args.prune_aware_ramp)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_out_dir(args: argparse.Namespace, default: str, inputs: tuple[str | None, ...] = ()) -> Path:
+    """The output directory, checked before any work (not created yet: see :func:`_begin_output`)."""
+    out = Path(args.output_dir or default)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out} exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
+        raise ConfigError(f"--output-dir {out}: {probe} is not a writable directory")
+    for src in inputs:
+        if src and Path(src).is_dir() and _inside(out, Path(src)):
+            raise ConfigError(f"--output-dir {out} is inside the input data {src}: choose a directory outside it")
+    return out
+
+
+def _begin_output(args: argparse.Namespace, out: Path) -> Path:
+    """Create ``out`` and write ``config.yaml`` (the inputs have been checked by now)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --output-dir {out}: {e.strerror or e}") from e
+    save_resolved(args, out)
+    return out
+
+
+def save_resolved(args: argparse.Namespace, out_dir: str | Path) -> None:
+    """The resolved options as ``config.yaml`` (``instaprune --config config.yaml`` re-runs the command)."""
+    import yaml
+
+    from instaprune.core.io import atomic_write_text
+
+    d = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "verbose")}
+    atomic_write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(d, sort_keys=True))
 
 
 def _load(args: argparse.Namespace):
     from instaprune.pipeline.stages import load_model
 
+    _check_sizes(args)
     return load_model(args.model, args.checkpoint, args.num_classes)
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    if getattr(args, "batch_size", 1) < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_classes is not None and not 1 <= args.num_classes <= 1_000_000:
+        raise ConfigError(f"--num-classes must be in [1, 1000000], got {args.num_classes}")
+    for name in ("holdout", "max_images", "split_seed", "sample_seed"):
+        if getattr(args, name, 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    size = getattr(args, "input_size", None)
+    if size is not None and not 1 <= size <= 4096:
+        raise ConfigError(f"--input-size must be in [1, 4096], got {size}")
 
 
 def _points(args: argparse.Namespace, lm, input_size: int | None = None):
@@ -50,25 +162,78 @@ def _points(args: argparse.Namespace, lm, input_size: int | None = None):
     return discover(lm.model, pre, args.include, args.exclude, args.shortcuts)
 
 
-def _out_dir(args: argparse.Namespace, default: str) -> Path:
-    from instaprune.cli.main import save_resolved
+def _load_plan(args: argparse.Namespace):
+    from instaprune.method.plan import Plan
 
-    out = Path(args.output_dir or default)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(args, out)
-    return out
-
-
-def _calib_cfg(args: argparse.Namespace):
-    from instaprune.method.calibration import CalibrationConfig
-    from instaprune.method.thresholds import ThresholdConfig
-
-    return CalibrationConfig(target=args.target, search=args.search, tolerance=args.tolerance,
-                             thresholds=ThresholdConfig(args.mode, args.min_keep), search_images=args.search_images,
-                             bn_recalibration=bool(getattr(args, "bn_recal", False)))
+    if not args.plan:
+        return None
+    plan = Plan.load(args.plan)
+    if args.scale is not None:
+        if not 0 <= args.scale < 1e6:
+            raise ConfigError(f"--scale must be in [0, 1e6), got {args.scale}")
+        plan = plan.with_scale(args.scale)
+    return plan
 
 
+def _check_plan_weights(args: argparse.Namespace, plan, model) -> None:
+    if plan is None:
+        return
+    problem = plan.check_weights(model)
+    if problem is None:
+        return
+    if getattr(args, "allow_other_weights", False):
+        _warn(f"{problem} (--allow-other-weights)")
+        return
+    raise ConfigError(f"{problem}; use the checkpoint the plan was made with (calibrate or train writes it beside "
+                      f"the plan) or pass --allow-other-weights")
+
+
+def _sample(data, n: int, seed: int):
+    """A stratified, seeded sample of at most ``n`` images (all of them when ``n`` is 0 or >= the set)."""
+    if n and n < len(data):
+        return data.sample(n, seed)
+    return data
+
+
+def _calibration_reporter(p: Progress):
+    state = {"search": None}
+
+    def report(d: dict[str, Any]) -> None:
+        if d["search"] != state["search"]:
+            state["search"] = d["search"]
+            label = {"curve": "accuracy-vs-FLOPs curve", "bn_recalibration": "BatchNorm re-estimation"}.get(
+                d["search"], f"{d['search']} search")
+            p.stage(f"calibrate: {label}", unit="evaluations")
+        p.update(1, reduction=f"{d['flops_reduction']:.3f}", top1=f"{d['top1']:.4f}")
+
+    return report
+
+
+def _calibration_summary(c: dict[str, Any]) -> str:
+    rows = [f"  {k}: top-1 {r['top1']:.4f} at FLOPs reduction {r['flops_reduction']:.3f}"
+            for k, r in c["results"].items()]
+    return "\n".join(rows + [f"  kept {c['chosen']}: {c.get('reason', '')} ({c['evaluations']} evaluations, "
+                             f"{c['seconds']:.0f}s)"])
+
+
+class _Ticking:
+    """A re-iterable view of ``batches`` that advances a progress bar by each batch's images."""
+
+    def __init__(self, batches: list, p: Progress) -> None:
+        self.batches, self.p = batches, p
+
+    def __iter__(self):
+        for b in self.batches:
+            yield b
+            self.p.update(len(b[1]))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# ---------------------------------------------------------------------------------------------- commands
 def cmd_points(args: argparse.Namespace) -> int:
+    out = _check_out_dir(args, args.output_dir) if args.output_dir else None
     lm = _load(args)
     rep = _points(args, lm, args.input_size)
     rows = [[p.name, p.kind, p.channels, f"{p.height}x{p.width}", f"{100 * p.macs / rep.dense_macs:.2f}%",
@@ -80,10 +245,10 @@ def cmd_points(args: argparse.Namespace) -> int:
         _out(f"disabled: {p.name}: {why}")
     for name, why in rep.skipped:
         _out(f"skipped:  {name}: {why}")
-    if args.output_dir:
+    if out is not None:
         from instaprune.core.io import atomic_write_json
 
-        out = _out_dir(args, args.output_dir)
+        _begin_output(args, out)
         atomic_write_json(out / "points.json", {
             "model": args.model, "dense_macs": rep.dense_macs, "fingerprint": rep.fingerprint(),
             "points": [p.to_dict() for p in rep.points],
@@ -106,92 +271,125 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutdown(sync=ok)
 
 
+def _gate_configs(args: argparse.Namespace):
+    from instaprune.method.gates import GateConfig
+    from instaprune.pipeline.gated import GateSchedule
+
+    gcfg = GateConfig(selection=args.gate_selection, multiplier=args.gate_multiplier, predictor=args.gate_predictor,
+                      min_keep=args.min_keep, fit=args.gate_fit, decay=args.gate_decay)
+    schedule = GateSchedule(target=args.target, ramp=args.gate_ramp, warmup_batches=args.gate_warmup_batches,
+                            allocation=args.gate_allocation,
+                            static_target=args.static_target, include=tuple(args.include) if args.include else None,
+                            exclude=tuple(args.exclude))
+    return gcfg, schedule
+
+
+def _step_reporter(p: Progress, labels: dict[str, str]):
+    state = {"phase": None}
+
+    def report(d: dict[str, Any]) -> None:
+        phase = d.get("phase", "train")
+        if phase != state["phase"]:
+            state["phase"] = phase
+            total = d["steps"] * d["epochs"] if "epochs" in d else None
+            p.stage(labels.get(phase) or labels.get("*", "") + phase, total=total, unit="steps")
+            if d.get("global_step", 1) > 1 and total:  # resumed: count the steps already done
+                p.update(min(d["epoch"] * d["steps"] + d["step"], total))
+        post = {"epoch": d["epoch"] + 1, "loss": f"{d['loss']:.3f}"}
+        if "decay" in d:
+            post["decay"] = f"{d['decay']:.3f}"
+        p.update(1, **post)
+
+    return report
+
+
 def _cmd_train(args: argparse.Namespace, env) -> int:
     import torch
 
     from instaprune.core.io import atomic_write_json
-    from instaprune.method.regularizer import FeatureDecayConfig
-    from instaprune.pipeline.stages import calibrate_plan, load_split
+    from instaprune.pipeline.posthoc import run_posthoc
+    from instaprune.pipeline.stages import load_split
     from instaprune.training.checkpoint import save_checkpoint, save_safetensors
-    from instaprune.training.loop import TrainConfig, evaluate_top1, train
+    from instaprune.training.loop import evaluate_top1
 
+    cfg = train_config(args)  # every option checked before anything is loaded
+    gates = bool(getattr(args, "gates", False) or getattr(args, "static_target", 0))
+    if gates:
+        gate_cfgs = _gate_configs(args) if args.gates else None
+    else:
+        if args.distill:
+            raise ConfigError("--distill needs --gates or --static-target (the post-hoc method has no teacher)")
+        schedule = posthoc_schedule(args)
+        ccfg = calibration_config(args) if schedule.prune_aware_epochs else None
+        if schedule.prune_aware_epochs and not args.holdout:
+            raise ConfigError("--prune-aware-epochs needs --holdout (the calibration split)")
+        if cfg.epochs == 0 and not schedule.prune_aware_epochs:
+            raise ConfigError("--epochs must be >= 1 (0 only with --prune-aware-epochs)")
+        if not args.select.strip().startswith("plan:"):
+            from instaprune.pipeline.stages import parse_selection
+
+            parse_selection(args.select)
+    out = _check_out_dir(args, "runs/train", (args.data_path,))
     torch.manual_seed(args.seed)  # random initialisation reproducible (and equal for 1 or N processes)
-    lm = _load(args)
-    lm.model.to(env.device)
-    out = _out_dir(args, "runs/train")
-    data = load_split(args.data_path, lm.pre, args.holdout, "train", args.split_seed)
-    val = load_split(args.data_path, lm.pre, args.holdout, "holdout", args.split_seed) if args.holdout else None
-    lm.pre = replace(lm.pre, class_names=data.class_names)
-    points = _points(args, lm)
-    decay = FeatureDecayConfig(args.lam, args.penalty, args.weights)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      label_smoothing=args.label_smoothing, augment=None if args.augment == "none" else args.augment,
-                      amp=args.amp, accumulate=args.accumulate, seed=args.seed, decay=decay,
-                      checkpoint_every=args.checkpoint_every, freeze_bn=args.freeze_bn, sync_bn=args.sync_bn)
-    if getattr(args, "gates", False) or getattr(args, "static_target", 0):
-        return _train_gated(args, env, lm, data, val, cfg, out)
-    if args.prune_aware_epochs and not args.holdout:
-        raise ConfigError("--prune-aware-epochs needs --holdout (the calibration split)")
-    bar = _bar(cfg.epochs * max(len(data) // (cfg.batch_size * env.world_size), 1), "train", env.is_main)
-
-    def progress(d: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(epoch=d["epoch"] + 1, loss=f"{d['loss']:.3f}", decay=f"{d['decay']:.3f}")
-
-    res = train(lm.model, data, cfg, points, lm.pre, out, val, args.resume, progress=progress)
-    bar.close()
-    metrics: dict[str, Any] = {"epochs": cfg.epochs, "seconds": res.seconds, "history": res.history}
-    if args.prune_aware_epochs:
-        from instaprune.method.masked import MaskedModel
-        from instaprune.method.prune_aware import PruneAwareConfig, TargetController
-
-        ccfg = _calib_cfg(args)
-        control = args.prune_aware_control == "on"
-        # with the controller the scale follows the target anyway, so the starting thresholds only need their
-        # per-point shape: the fast shared-tau bisection (the final recalibration below uses --search)
-        plan, _ = calibrate_plan(lm, points, val, replace(ccfg, search="shared") if control else ccfg, args.select)
-        if env.is_main:
-            plan.save(out / "prune_aware" / "start_plan.json")  # the points and thresholds the phase starts from
-        masked = MaskedModel(lm.model, points, plan.taus, plan.thresholds)
-        ctl = TargetController(masked, PruneAwareConfig(args.target, args.prune_aware_ramp)) if control else None
-        pa = replace(cfg, epochs=args.prune_aware_epochs, lr=args.prune_aware_lr or args.lr * 0.1,
-                     decay=replace(decay, lam=args.prune_aware_lam))
-        res2 = train(lm.model, data, pa, points, lm.pre, out / "prune_aware", val, args.resume, masked=masked,
-                     controller=ctl)
-        masked.remove()
-        # recalibrate the thresholds for the trained weights on the points the phase trained with: selecting
-        # anew (CV top-k on the new weights) would mask points the network never learnt to lose
-        plan, _ = calibrate_plan(lm, points, val, ccfg, plan.selected)
-        if env.is_main:
-            plan.save(out / "plan.json")
-        metrics["prune_aware_history"] = res2.history
-        metrics["calibration"] = plan.calibration
+    with Progress(env.is_main) as p:
+        p.stage("loading model and data")
+        lm = _load(args)
+        lm.model.to(env.device)
+        data = load_split(args.data_path, lm.pre, args.holdout, "train", args.split_seed)
+        val = load_split(args.data_path, lm.pre, args.holdout, "holdout", args.split_seed) if args.holdout else None
+        lm.pre = replace(lm.pre, class_names=data.class_names)
+        points = _points(args, lm)
+        _begin_output(args, out)
+        if gates:
+            return _train_gated(args, env, lm, data, val, cfg, out, p, gate_cfgs)
+        res = run_posthoc(lm, points, data, cfg, calib=val, calibration=ccfg, schedule=schedule,
+                          selection=args.select, out_dir=out, val=val, resume=args.resume,
+                          progress=_step_reporter(p, {"finetune": "train", "prune_aware": "train: prune-aware"}),
+                          stage=None, calibration_progress=_calibration_reporter(p))
+        if val is not None and env.is_main:
+            p.stage("validating")
+            val_top1 = evaluate_top1(lm.model, val, lm.pre)
     if not env.is_main:
         return 0
-    metrics.update(world_size=res.world_size, global_batch=res.global_batch, resumed_from=res.resumed_from)
+    metrics: dict[str, Any] = {"epochs": cfg.epochs, "seconds": res.finetune.seconds,
+                               "history": res.finetune.history}
+    if res.prune_aware is not None and res.plan is not None:
+        res.plan.save(out / "plan.json")
+        metrics["prune_aware_history"] = res.prune_aware.history
+        metrics["calibration"] = res.plan.calibration
+    metrics.update(world_size=res.finetune.world_size, global_batch=res.finetune.global_batch,
+                   resumed_from=res.finetune.resumed_from)
     meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
             "preprocessing": lm.pre.to_dict(), "train_config": cfg.to_dict()}
     save_checkpoint(out / "model.pt", lm.model, meta)
     save_safetensors(out / "model.safetensors", lm.model, meta)
     if val is not None:
-        metrics["val_top1"] = evaluate_top1(lm.model, val, lm.pre)
+        metrics["val_top1"] = val_top1
     atomic_write_json(out / "metrics.json", metrics)
-    _out(f"trained {cfg.epochs} epochs in {res.seconds:.0f}s -> {out / 'model.pt'}"
+    seconds = res.finetune.seconds + (res.prune_aware.seconds if res.prune_aware is not None else 0.0)
+    what = _plural(cfg.epochs, "epoch")
+    if res.prune_aware is not None:
+        what += f" + {_plural(res.prune_aware.epochs, 'prune-aware epoch')}"
+    _out(f"trained {what} in {seconds:.0f}s -> {out / 'model.pt'}"
          + (f" (val top-1 {metrics['val_top1']:.4f})" if val is not None else ""))
+    if res.prune_aware is not None and res.plan is not None:
+        c = res.plan.calibration
+        r = c["results"][c["chosen"]]
+        _out(f"plan: {len(res.plan.taus)} points, holdout top-1 {r['top1']:.4f} at FLOPs reduction "
+             f"{r['flops_reduction']:.3f} -> {out / 'plan.json'}")
+        _out(_calibration_summary(c))
     return 0
 
 
-def _train_gated(args: argparse.Namespace, env, lm, data, val, cfg, out: Path) -> int:
+def _train_gated(args: argparse.Namespace, env, lm, data, val, cfg, out: Path, p: Progress, gate_cfgs) -> int:
     from instaprune.core.io import atomic_write_json
-    from instaprune.method.gates import GateConfig
-    from instaprune.pipeline.gated import GateSchedule, train_gated, train_static
+    from instaprune.pipeline.gated import train_gated, train_static
     from instaprune.training.checkpoint import save_checkpoint, save_safetensors
     from instaprune.training.loop import evaluate_top1
 
     if not args.gates:  # --static-target alone: the static L1 baseline, slimmed, as one command
-        cfg = replace(cfg, distill=args.distill)
-        static, metrics = train_static(lm, data, val, args.static_target, cfg, out, args.resume)
+        static, metrics = train_static(lm, data, val, args.static_target, cfg, out, args.resume,
+                                       progress=_step_reporter(p, {"train": "train (static)"}))
         if not env.is_main:
             return 0
         meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
@@ -201,23 +399,12 @@ def _train_gated(args: argparse.Namespace, env, lm, data, val, cfg, out: Path) -
         if val is not None:
             metrics["val_top1"] = evaluate_top1(lm.model, val, lm.pre)
         atomic_write_json(out / "metrics.json", metrics)
-        _out(f"trained the static model ({metrics['flops_reduction']:.3f} FLOPs reduction, {cfg.epochs} epochs) "
-             f"-> {out / 'model.pt'}")
+        _out(f"trained the static model ({metrics['flops_reduction']:.3f} FLOPs reduction, "
+             f"{_plural(cfg.epochs, 'epoch')}) -> {out / 'model.pt'}")
         return 0
-    gcfg = GateConfig(selection=args.gate_selection, multiplier=args.gate_multiplier, predictor=args.gate_predictor,
-                      min_keep=args.min_keep, fit=args.gate_fit, decay=args.gate_decay)
-    schedule = GateSchedule(target=args.target, ramp=args.gate_ramp, warmup_batches=args.gate_warmup_batches,
-                            static_target=args.static_target, include=tuple(args.include) if args.include else None,
-                            exclude=tuple(args.exclude))
-    cfg = replace(cfg, distill=args.distill)
-    bar = _bar(cfg.epochs * max(len(data) // (cfg.batch_size * env.world_size), 1), "train (gates)", env.is_main)
-
-    def progress(d: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(epoch=d["epoch"] + 1, loss=f"{d['loss']:.3f}")
-
-    plan, metrics = train_gated(lm, data, val, gcfg, schedule, cfg, out, args.resume, progress)
-    bar.close()
+    gcfg, schedule = gate_cfgs
+    plan, metrics = train_gated(lm, data, val, gcfg, schedule, cfg, out, args.resume,
+                                _step_reporter(p, {"train": "train (gates)"}))
     if not env.is_main:
         return 0
     meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
@@ -229,8 +416,8 @@ def _train_gated(args: argparse.Namespace, env, lm, data, val, cfg, out: Path) -
         metrics["val_top1_dense"] = evaluate_top1(lm.model, val, lm.pre)
     atomic_write_json(out / "metrics.json", metrics)
     cal = metrics.get("calibration", {})
-    _out(f"trained gates ({len(plan.gates.sites)} gates, {cfg.epochs} epochs) in {metrics['seconds']:.0f}s -> "
-         f"{out / 'model.pt'}, {out / 'plan.json'}"
+    _out(f"trained gates ({len(plan.gates.sites)} gates, {_plural(cfg.epochs, 'epoch')}) in "
+         f"{metrics['seconds']:.0f}s -> {out / 'model.pt'}, {out / 'plan.json'}"
          + (f" (holdout top-1 {cal['top1']:.4f} at FLOPs reduction {cal['flops_reduction']:.3f})" if cal else ""))
     return 0
 
@@ -250,30 +437,47 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from instaprune.evaluation.report import write_plots
     from instaprune.pipeline.stages import analyze_and_select, cached_batches, load_split
 
-    lm = _load(args)
-    out = _out_dir(args, "runs/analyze")
-    data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all", args.split_seed)
-    if args.max_images and args.max_images < len(data):
-        data = data.subset(list(range(args.max_images)))
-    points = _points(args, lm)
-    stats, _ = analyze_and_select(lm.model, points, cached_batches(data, lm.pre, args.batch_size))
+    if args.max_images < 0:
+        raise ConfigError(f"--max-images must be >= 0 (0 = all), got {args.max_images}")
+    out = _check_out_dir(args, "runs/analyze", (args.data_path,))
+    with Progress() as p:
+        p.stage("loading model and data")
+        lm = _load(args)
+        data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
+                          args.split_seed)
+        data = _sample(data, args.max_images, args.sample_seed)
+        points = _points(args, lm)
+        batches = cached_batches(data, lm.pre, args.batch_size)
+        p.stage("analyze", total=len(data), unit="images")
+        stats, _ = analyze_and_select(lm.model, points, _Ticking(batches, p))
     table = stats.table(points)
     _out(_table([[r["name"], r["channels"], f"{100 * r['macs_share']:.2f}%", f"{r['cv']:.3f}", r["dead"]]
                  for r in table], ["point", "C", "MACs share", "CV", "dead"]))
+    _begin_output(args, out)
     atomic_write_json(out / "analysis.json", {"model": args.model, "images": stats.n, "points": table,
-                                              "stats": stats.to_dict()})
+                                              "stats": stats.to_dict(), "max_images": args.max_images,
+                                              "sample_seed": args.sample_seed})
     write_plots(out, cv_table=table)
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from instaprune.pipeline.stages import calibrate_plan, load_split
+    from instaprune.pipeline.stages import calibrate_plan, load_split, parse_selection
 
-    lm = _load(args)
-    out = _out_dir(args, "runs/calibrate")
-    data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all", args.split_seed)
-    points = _points(args, lm)
-    plan, _ = calibrate_plan(lm, points, data, _calib_cfg(args), args.select, args.batch_size)
+    ccfg = calibration_config(args)
+    if not args.select.strip().startswith("plan:"):
+        parse_selection(args.select)
+    out = _check_out_dir(args, "runs/calibrate", (args.data_path,))
+    with Progress() as p:
+        p.stage("loading model and data")
+        lm = _load(args)
+        data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
+                          args.split_seed)
+        points = _points(args, lm)
+        p.stage("calibrate: analysing")
+        plan, _ = calibrate_plan(lm, points, data, ccfg, args.select, args.batch_size,
+                                 progress=_calibration_reporter(p))
+    _begin_output(args, out)
     if args.bn_recal:  # the plan belongs to the re-estimated BatchNorm statistics: save those weights with it
         from instaprune.training.checkpoint import save_checkpoint
 
@@ -286,32 +490,38 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _out(f"plan: {len(plan.taus)} points, {c['chosen']} search, calibration top-1 {r['top1']:.4f} "
          f"(dense {c['dense_top1']:.4f}) at FLOPs reduction {r['flops_reduction']:.3f} -> {out / 'plan.json'}"
          + (f" (weights with re-estimated BatchNorm statistics: {out / 'model.pt'})" if args.bn_recal else ""))
+    _out(_calibration_summary(c))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from instaprune.method.plan import Plan
     from instaprune.pipeline.stages import evaluate_and_report, load_model, load_split
     from instaprune.training.loop import evaluate_top1
 
-    lm = _load(args)
-    plan = Plan.load(args.plan) if args.plan else None
-    if plan is not None:
-        if args.scale is not None:
-            plan = plan.with_scale(args.scale)
-        lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
-    out = _out_dir(args, "runs/evaluate")
-    # with --holdout, evaluate on the remainder: never on the calibration images
-    data = load_split(args.data_path, lm.pre, args.holdout, "train" if args.holdout else "all", args.split_seed)
-    points = _points(args, lm)
-    if plan is not None:
-        plan.check(points, args.model)
-    baseline = args.baseline_top1
-    if args.baseline_checkpoint:
-        base = load_model(args.model, args.baseline_checkpoint, args.num_classes)
-        baseline = evaluate_top1(base.model, data, lm.pre)
-    res = evaluate_and_report(lm, points, data, out, plan, baseline, batch_size=args.batch_size,
-                              extra={"model": args.model})
+    if args.baseline_top1 is not None and not 0 <= args.baseline_top1 <= 1:
+        raise ConfigError(f"--baseline-top1 must be in [0, 1], got {args.baseline_top1}")
+    out = _check_out_dir(args, "runs/evaluate", (args.data_path,))
+    plan = _load_plan(args)
+    with Progress() as p:
+        p.stage("loading model and data")
+        lm = _load(args)
+        if plan is not None:
+            lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
+        points = _points(args, lm)
+        if plan is not None:
+            plan.check(points, args.model)
+        _check_plan_weights(args, plan, lm.model)
+        # with --holdout, evaluate on the remainder: never on the calibration images
+        data = load_split(args.data_path, lm.pre, args.holdout, "train" if args.holdout else "all", args.split_seed)
+        baseline = args.baseline_top1
+        if args.baseline_checkpoint:
+            base = load_model(args.model, args.baseline_checkpoint, args.num_classes)
+            p.stage("evaluate: baseline", total=len(data), unit="images")
+            baseline = evaluate_top1(base.model, data, lm.pre)
+        _begin_output(args, out)
+        p.stage("evaluate", total=len(data) * (2 if plan is not None else 1), unit="images")
+        res = evaluate_and_report(lm, points, data, out, plan, baseline, batch_size=args.batch_size,
+                                  extra={"model": args.model}, progress=p.update)
     m = res.metrics
     line = f"dense top-1 {m['dense_top1']:.4f}"
     if "top1" in m:
@@ -337,37 +547,41 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from instaprune.core.io import atomic_write_json
     from instaprune.data.datasets import iterate_batches
     from instaprune.engine.bench import benchmark_plan, machine
-    from instaprune.method.plan import Plan
     from instaprune.pipeline.stages import load_split
 
     batches, threads = _int_list(args.batches, "--batches"), _int_list(args.threads, "--threads")
     if args.pairs < 1 or args.max_images < 1:
         raise ConfigError(f"--pairs and --max-images must be >= 1, got {args.pairs}, {args.max_images}")
-    lm = _load(args)
-    plan = Plan.load(args.plan) if args.plan else None
-    size = args.input_size or (plan.preprocessing.input_size if plan is not None else None) or lm.pre.input_size
-    if plan is not None:
-        if args.scale is not None:
-            plan = plan.with_scale(args.scale)
-        lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
-    points = _points(args, lm, size)
-    if plan is not None:
-        plan.check(points, args.model)
-    n = max(max(batches), args.max_images if 1 in batches else 0)  # batch 1 times images one by one
-    if args.data_path:
-        data = load_split(args.data_path, replace(lm.pre, input_size=size), 0, "all", 0)
-        if len(data) < n:
-            raise ConfigError(f"{args.data_path} has {len(data)} images; the benchmark needs {n}")
-        x = next(iterate_batches(data, n, lm.pre.mean, lm.pre.std))[0]
-    else:
-        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-    out = _out_dir(args, "runs/benchmark")
-    lm.model.eval()
-    rows = benchmark_plan(lm.model, points, plan, x, batches, threads, args.pairs, args.clock, args.max_images)
+    out = _check_out_dir(args, "runs/benchmark", (args.data_path,))
+    plan = _load_plan(args)
+    with Progress() as p:
+        p.stage("loading model and data")
+        lm = _load(args)
+        size = args.input_size or (plan.preprocessing.input_size if plan is not None else None) or lm.pre.input_size
+        if plan is not None:
+            lm.pre = replace(lm.pre, mean=plan.preprocessing.mean, std=plan.preprocessing.std)
+        points = _points(args, lm, size)
+        if plan is not None:
+            plan.check(points, args.model)
+        _check_plan_weights(args, plan, lm.model)
+        n = max(max(batches), args.max_images if 1 in batches else 0)  # batch 1 times images one by one
+        if args.data_path:
+            data = load_split(args.data_path, replace(lm.pre, input_size=size), 0, "all", 0)
+            if len(data) < n:
+                raise ConfigError(f"{args.data_path} has {len(data)} images; the benchmark needs {n}")
+            data = _sample(data, n, args.sample_seed)  # stratified: not the first n in class order
+            x = next(iterate_batches(data, n, lm.pre.mean, lm.pre.std))[0]
+        else:
+            x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+        lm.model.eval()
+        p.stage(f"benchmark ({len(batches) * len(threads)} rows)")
+        rows = benchmark_plan(lm.model, points, plan, x, batches, threads, args.pairs, args.clock, args.max_images)
     for r in rows:
         r.update(model=args.model, level="model-real" if args.data_path else "model", input_size=size)
+    _begin_output(args, out)
     atomic_write_json(out / "benchmark.json", {"rows": rows, "machine": machine(), "plan": args.plan,
-                                               "inputs": "images" if args.data_path else "random"})
+                                               "inputs": "images" if args.data_path else "random",
+                                               "sample_seed": args.sample_seed})
     table = [[r["batch"], r["threads"], r["dense_variant"], f"{r['dense_ms']:.3f}", f"{r['dynamic_ms']:.3f}",
               f"{r['measured_speedup']:.2f}", f"{r['theoretical_speedup']:.2f}", f"{r['efficiency']:.2f}"]
              for r in rows]
@@ -379,20 +593,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from instaprune.demo.run import run_demo
+    from instaprune.method.calibration import CalibrationConfig
 
-    _out_dir(args, args.output_dir)
-    bar = _bar(0, "demo")
-
-    def progress(stage: str) -> None:
-        bar.set_description(f"demo: {stage}")
-        bar.refresh()
-
-    metrics = run_demo(args.output_dir, seed=args.seed, target=args.target, progress=progress)
-    bar.close()
+    CalibrationConfig(target=args.target)  # refused before anything runs
+    out = _begin_output(args, _check_out_dir(args, args.output_dir))
+    with Progress() as p:
+        metrics = run_demo(out, seed=args.seed, target=args.target, progress=lambda s: p.stage(f"demo: {s}"),
+                           step_progress=_step_reporter(p, {"*": "demo: ", "finetune": "demo: fine-tuning with "
+                                                            "feature decay", "prune_aware": "demo: prune-aware "
+                                                            "fine-tuning"}))
     keys = ("baseline_top1", "dense_top1", "top1", "flops_reduction", "per_image_flops_p90_over_p10",
             "spearman_difficulty_flops", "seconds")
     _out(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
-    _out(f"report: {Path(args.output_dir) / 'report.md'}")
+    _out(f"report: {out / 'report.md'}")
     return 0
 
 
@@ -400,23 +613,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from instaprune.evaluation.export import EXPORT_FORMATS, export_model
-    from instaprune.method.plan import Plan
     from instaprune.training.artifacts import plan_points, save_portable
 
+    out = _check_out_dir(args, "runs/export")
+    plan = _load_plan(args)
     lm = _load(args)
-    plan = Plan.load(args.plan) if args.plan else None
-    if plan is not None and args.scale is not None:
-        plan = plan.with_scale(args.scale)
     size = args.input_size or (plan.preprocessing.input_size if plan is not None else lm.pre.input_size)
     if plan is not None:
         plan.check(plan_points(lm.model, plan, size), args.model)
-    out = _out_dir(args, "runs/export")
+    _check_plan_weights(args, plan, lm.model)
+    _begin_output(args, out)
     formats = EXPORT_FORMATS if args.format == "all" else (args.format,)
     # standard-normal inputs (what normalised images look like): their masks differ from image to image
     gen = torch.Generator().manual_seed(0)
     probe = None if args.no_verify else torch.randn(4, 3, size, size, generator=gen)
-    res = export_model(lm.model, out, plan, size, formats=formats, return_active=args.return_active,
-                       verify_inputs=probe)
+    with Progress() as p:
+        p.stage("export")
+        res = export_model(lm.model, out, plan, size, formats=formats, return_active=args.return_active,
+                           verify_inputs=probe)
     pre = plan.preprocessing if plan is not None else lm.pre
     meta = {"model_name": args.model, "num_classes": lm.meta.get("num_classes") or _num_classes(lm.model),
             "preprocessing": pre.to_dict()}

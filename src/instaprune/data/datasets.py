@@ -99,6 +99,14 @@ class ImageSet:
         paths = tuple(self.paths[i] for i in idx.tolist()) if self.paths else ()
         return ImageSet(self.images[idx], self.labels[idx], self.class_names, paths)
 
+    def sample(self, n: int, seed: int = 0) -> ImageSet:
+        """A stratified, seeded sample of ``n`` images (every class in proportion, drawn by a permutation seeded
+        with ``seed``; dataset order kept): what ``--max-images`` and friends use instead of the first ``n``
+        images, which are in class order. The same as the held-out part of :meth:`split`."""
+        if not 0 <= n <= len(self):
+            raise ConfigError(f"sample size must be in [0, {len(self)}], got {n}")
+        return self if n == len(self) else self.split(n, seed)[1]
+
     def split(self, n_holdout: int, seed: int) -> tuple[ImageSet, ImageSet]:
         """Deterministic stratified split -> ``(rest, holdout)`` with ``len(holdout) == n_holdout``.
 

@@ -24,11 +24,11 @@ from instaprune.data.datasets import ImageSet
 from instaprune.data.synthetic import RECIPE, DemoData, DemoRecipe, make_splits, mean_std
 from instaprune.evaluation.report import spearman
 from instaprune.method.calibration import CalibrationConfig
-from instaprune.method.masked import MaskedModel
 from instaprune.method.regularizer import FeatureDecayConfig
 from instaprune.method.thresholds import ThresholdConfig
 from instaprune.models.tiny_resnet import tiny_resnet
-from instaprune.pipeline.stages import LoadedModel, calibrate_plan, discover, evaluate_and_report
+from instaprune.pipeline.posthoc import PosthocSchedule, run_posthoc
+from instaprune.pipeline.stages import LoadedModel, discover, evaluate_and_report
 from instaprune.training.loop import TrainConfig, evaluate_top1, train
 
 __all__ = ["DEMO_RECIPE", "DEMO_TARGET", "DemoSchedule", "run_demo"]
@@ -68,6 +68,10 @@ class DemoSchedule:
             raise ConfigError(f"demo schedule: epochs must be >= 0 and search_images >= 1, got {self}")
 
 
+def _phase(progress: Callable[[dict[str, Any]], None] | None, name: str):
+    return None if progress is None else (lambda d: progress({**d, "phase": name}))
+
+
 def _imageset(d: DemoData) -> ImageSet:
     return ImageSet(d.images, d.labels, d.class_names)
 
@@ -90,8 +94,10 @@ def run_demo(
     recipe: DemoRecipe = DEMO_RECIPE,
     schedule: DemoSchedule = DemoSchedule(),
     progress: Callable[[str], None] | None = None,
+    step_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo and return its metrics (also written to ``out_dir/metrics.json``)."""
+    """Run the demo and return its metrics (also written to ``out_dir/metrics.json``). ``progress``: a label
+    before each stage; ``step_progress``: every training step (the training loop's dicts, with ``phase``)."""
     t0 = time.perf_counter()
     target = DEMO_TARGET if target is None else target
     say = progress or (lambda stage: None)
@@ -110,56 +116,46 @@ def run_demo(
     points = discover(model, pre)
     say("pre-training (plain)")
     t = time.perf_counter()
-    train(model, train_set, _train_cfg(recipe, 0.0, seed), points, pre)
+    train(model, train_set, _train_cfg(recipe, 0.0, seed), points, pre,
+          progress=_phase(step_progress, "pre-training (plain)"))
     timings["pretrain_s"] = time.perf_counter() - t
     base = copy.deepcopy(model)
 
     say("training the baseline branch (no feature decay)")
     t = time.perf_counter()
-    for epochs, lr in ((schedule.finetune_epochs, schedule.finetune_lr),
-                       (schedule.prune_aware_epochs, schedule.prune_aware_lr)):
+    for name, epochs, lr in (("baseline branch (fine-tune epochs)", schedule.finetune_epochs, schedule.finetune_lr),
+                             ("baseline branch (prune-aware epochs)", schedule.prune_aware_epochs,
+                              schedule.prune_aware_lr)):
         if epochs:
-            train(base, train_set, _train_cfg(recipe, 0.0, seed, epochs, lr), points, pre)
+            train(base, train_set, _train_cfg(recipe, 0.0, seed, epochs, lr), points, pre,
+                  progress=_phase(step_progress, name))
     timings["train_baseline_s"] = time.perf_counter() - t
     baseline_top1 = evaluate_top1(base, test_set, pre)
     teacher = base.eval() if schedule.distill > 0 else None
 
-    say("fine-tuning with feature decay")
-    t = time.perf_counter()
-    if schedule.finetune_epochs:
-        train(model, train_set, _train_cfg(recipe, recipe.decay_lam, seed, schedule.finetune_epochs,
-                                           schedule.finetune_lr, schedule.distill), points, pre, teacher=teacher)
-    timings["train_decay_s"] = time.perf_counter() - t
-
-    say("analysing and calibrating")
-    lm = LoadedModel("tiny_resnet", model.eval(), pre, {})
+    lm = LoadedModel("tiny_resnet", model, pre, {})
+    cfg = CalibrationConfig(target=target, search=schedule.search,
+                            thresholds=ThresholdConfig(schedule.threshold_mode, ThresholdConfig.min_keep),
+                            search_images=schedule.search_images, ladder_steps=schedule.ladder_steps)
+    # the method branch: the post-hoc sequence, the same function `instaprune train` runs
+    res = run_posthoc(
+        lm, points, train_set,
+        _train_cfg(recipe, recipe.decay_lam, seed, schedule.finetune_epochs, schedule.finetune_lr, schedule.distill),
+        calib=calib_set, calibration=cfg,
+        schedule=PosthocSchedule(prune_aware_epochs=schedule.prune_aware_epochs,
+                                 prune_aware_lr=schedule.prune_aware_lr, prune_aware_lam=0.0,
+                                 prune_aware_control=schedule.prune_aware_control,
+                                 prune_aware_ramp=schedule.prune_aware_ramp, start_search=schedule.search),
+        teacher=teacher, stage=say, progress=step_progress,
+        mask_points=discover(model, pre, exclude=schedule.exclude) if schedule.exclude else None,
+    )
+    plan, stats = res.plan, res.stats
+    assert plan is not None
+    timings.update(res.timings)
+    before = res.start_plan or plan
+    before_pa = before.calibration["results"][before.calibration["chosen"]]["top1"]
     if schedule.exclude:
         points = discover(model, pre, exclude=schedule.exclude)
-    t = time.perf_counter()
-    cfg = CalibrationConfig(target=target, search=schedule.search,
-                            thresholds=ThresholdConfig(schedule.threshold_mode, 0.05),
-                            search_images=schedule.search_images, ladder_steps=schedule.ladder_steps)
-    plan, stats = calibrate_plan(lm, points, calib_set, cfg)
-    timings["calibrate_s"] = time.perf_counter() - t
-    before_pa = plan.calibration["results"][plan.calibration["chosen"]]["top1"]
-    if schedule.prune_aware_epochs:
-        say("prune-aware fine-tuning")
-        t = time.perf_counter()
-        masked = MaskedModel(model, points, plan.taus, plan.thresholds)
-        ctl = None
-        if schedule.prune_aware_control:
-            from instaprune.method.prune_aware import PruneAwareConfig, TargetController
-
-            ctl = TargetController(masked, PruneAwareConfig(target, schedule.prune_aware_ramp))
-        train(model, train_set, _train_cfg(recipe, 0.0, seed, schedule.prune_aware_epochs, schedule.prune_aware_lr,
-                                           schedule.distill), points, pre, masked=masked, teacher=teacher,
-              controller=ctl)
-        masked.remove()
-        model.eval()
-        timings["prune_aware_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        plan, stats = calibrate_plan(lm, points, calib_set, cfg)
-        timings["recalibrate_s"] = time.perf_counter() - t
     out = Path(out_dir)
     plan.save(out / "plan.json")
 

@@ -41,6 +41,7 @@ from instaprune.engine._graph import check_equal, rewrite
 from instaprune.engine._kernels import SparseInputConv2d, fold_bn
 from instaprune.engine._linear import DynamicLinear
 from instaprune.engine._modules import ENGINE_STRATEGIES, DynamicConv2d, EngineContext, FoldedConv2d, executed_slots
+from instaprune.method.flops import flops_reduction
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport, find_prune_points
 from instaprune.method.thresholds import ThresholdConfig
@@ -240,8 +241,8 @@ class DynamicModel(nn.Module):
         exe = self.executed_macs() if self.dynamic else dense
         return {
             "dense_macs": dense, "mean_dynamic_macs": req, "executed_macs": exe, "overhead_macs": over,
-            "flops_reduction": 1.0 - (req + over) / dense,
-            "executed_flops_reduction": 1.0 - (exe + over) / dense,
+            "flops_reduction": flops_reduction(req, dense, over),
+            "executed_flops_reduction": flops_reduction(exe, dense, over),
             "theoretical_speedup": dense / (req + over),
             "strategies": dict(collections.Counter(self.strategies().values())),
         }

@@ -7,7 +7,7 @@ per-instance arrays (MACs, confidence, correctness) the report plots.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from instaprune.method.flops import reduction_summary
 from instaprune.method.masked import MaskedModel
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
+from instaprune.method.scoring import score_batches
 
 __all__ = ["EvalResult", "evaluate", "accuracy_vs_flops", "dynamic_model"]
 
@@ -40,20 +41,23 @@ def _units(dyn: nn.Module) -> list[tuple[str, int]]:
 
 @torch.no_grad()
 def _run(net: nn.Module, data: ImageSet, pre: Preprocessing, batch_size: int,
-         masked: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    net.eval()
+         masked: nn.Module | None = None, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     conf, correct, macs = [], [], []
     keep: dict[str, list[torch.Tensor]] = {}
     units = _units(masked) if masked is not None else []
-    for x, y, _ in iterate_batches(data, batch_size, pre.mean, pre.std):
-        p = net(x).softmax(1)
-        c, pred = p.max(1)
+
+    def record(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> None:
+        c, pred = logits.softmax(1).max(1)
         conf.append(c)
         correct.append(pred == y)
         if masked is not None:
             macs.append(masked.instance_macs())
             for name, ch in units:
                 keep.setdefault(name, []).append(masked.active[name].double() / ch)
+        if progress is not None:
+            progress(int(y.shape[0]))
+
+    score_batches(net, iterate_batches(data, batch_size, pre.mean, pre.std), each=record)
     out = {"confidence": torch.cat(conf), "correct": torch.cat(correct)}
     if masked is not None:
         out["macs"] = torch.cat(macs)
@@ -69,7 +73,8 @@ def dynamic_model(model: nn.Module, points: PointReport, plan: Plan, pre: Prepro
         from instaprune.method.gates import find_gates, gated_from_plan
 
         x = torch.zeros(1, len(pre.mean), pre.input_size, pre.input_size)
-        return gated_from_plan(model, find_gates(model, x), plan.gates, plan.scale)
+        return gated_from_plan(model, find_gates(model, x), plan.gates, plan.scale, points,
+                               dict(plan.taus), plan.thresholds)  # post-hoc points too, when the plan mixes
     return MaskedModel(model, points, plan.taus, plan.thresholds, plan.scale)
 
 
@@ -81,9 +86,11 @@ def evaluate(
     plan: Plan | None = None,
     batch_size: int = 256,
     baseline_top1: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Dense top-1 always; with ``plan`` (and ``points`` of the same model) the dynamic model too."""
-    dense = _run(model, data, pre, batch_size)
+    """Dense top-1 always; with ``plan`` (and ``points`` of the same model) the dynamic model too. ``progress``:
+    called with the number of images of every evaluated batch (dense, then dynamic)."""
+    dense = _run(model, data, pre, batch_size, progress=progress)
     metrics: dict[str, Any] = {"images": len(data), "dense_top1": float(dense["correct"].double().mean())}
     if baseline_top1 is not None:
         metrics["baseline_top1"] = float(baseline_top1)
@@ -92,7 +99,7 @@ def evaluate(
     masked = dynamic_model(model, points, plan, pre)
     dense_macs = masked.dense_macs if plan.gates is not None else points.dense_macs
     try:
-        dyn = _run(masked, data, pre, batch_size, masked)
+        dyn = _run(masked, data, pre, batch_size, masked, progress)
         overhead = masked.overhead_macs()
         units = dict(_units(masked))
     finally:

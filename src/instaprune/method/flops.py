@@ -26,6 +26,7 @@ __all__ = [
     "dynamic_macs",
     "overhead_macs",
     "reduction_summary",
+    "flops_reduction",
 ]
 
 
@@ -106,17 +107,24 @@ def dynamic_macs(
     return dense_macs - saved
 
 
+def flops_reduction(mean_dynamic_macs: float, dense_macs: float, overhead: float = 0.0) -> float:
+    """The one FLOPs-reduction formula: ``1 - (mean dynamic MACs + overhead) / dense MACs`` (never clipped).
+    Every module that reports a reduction (calibration, the prune-aware controller, evaluation, the engine, the
+    gates) calls this."""
+    return 1.0 - (float(mean_dynamic_macs) + float(overhead)) / float(dense_macs)
+
+
 def reduction_summary(per_instance_macs: torch.Tensor, dense_macs: int, overhead: int) -> dict[str, Any]:
     """``flops_reduction`` statistics: 1 - (dynamic + overhead) / dense, per instance, never clipped."""
     m = per_instance_macs.to(torch.float64)
-    red = 1.0 - (m + overhead) / dense_macs
+    red = 1.0 - (m + overhead) / dense_macs  # flops_reduction() per instance
     q = torch.quantile(red, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     mean_dyn = float(m.mean())
     executed = mean_dyn + overhead
     per_image_flops = 2 * (m + overhead)
     p10, p90 = torch.quantile(per_image_flops, torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
     return {
-        "flops_reduction": float(red.mean()),
+        "flops_reduction": flops_reduction(float(m.mean()), dense_macs, overhead),
         "flops_reduction_p10": float(q[0]),
         "flops_reduction_p50": float(q[1]),
         "flops_reduction_p90": float(q[2]),

@@ -17,17 +17,18 @@ with a recalibration on the held-out split (the command line does it).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
+from instaprune.core.config import ConfigMixin, check_fields
 from instaprune.core.errors import ConfigError
+from instaprune.method.flops import flops_reduction
 from instaprune.method.masked import MaskedModel
 
 __all__ = ["PruneAwareConfig", "TargetController"]
 
 
 @dataclass(frozen=True)
-class PruneAwareConfig:
+class PruneAwareConfig(ConfigMixin):
     """``target``: mean FLOPs reduction held during training; ``ramp``: fraction of the phase over which the
     target grows linearly from 0 (0 = the full target from the first step); ``gain``: change of ``log(scale)``
     per unit of reduction error per step; ``scale_bounds``: the scale is kept inside them."""
@@ -38,6 +39,7 @@ class PruneAwareConfig:
     scale_bounds: tuple[float, float] = (1e-3, 1e3)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"prune-aware target must be in (0, 1), got {self.target}")
         if not 0.0 <= self.ramp <= 1.0:
@@ -47,9 +49,6 @@ class PruneAwareConfig:
         lo, hi = self.scale_bounds
         if not 0.0 < lo < hi:
             raise ConfigError(f"prune-aware scale bounds must satisfy 0 < lo < hi, got {self.scale_bounds}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TargetController:
@@ -76,8 +75,7 @@ class TargetController:
     def measured(self) -> float:
         """FLOPs reduction of the last forward (batch mean, overhead included)."""
         m = self.masked
-        dense = m.report.dense_macs
-        return 1.0 - (float(m.instance_macs().mean()) + m.overhead_macs()) / dense
+        return flops_reduction(float(m.instance_macs().mean()), m.report.dense_macs, m.overhead_macs())
 
     def step(self, progress: float, world_size: int = 1) -> float:
         """Update the scale from the last forward's reduction (averaged over ``world_size`` ranks, so every

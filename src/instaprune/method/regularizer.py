@@ -16,12 +16,12 @@ with AMP, gradient accumulation and DDP (hooks live on the wrapped module).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from instaprune.core.config import ConfigMixin, check_fields
 from instaprune.core.errors import ConfigError
 from instaprune.method.points import PointReport
 from instaprune.method.thresholds import saliency
@@ -34,7 +34,7 @@ _EPS = 1e-12
 
 
 @dataclass(frozen=True)
-class FeatureDecayConfig:
+class FeatureDecayConfig(ConfigMixin):
     """``penalty`` default ``l1l2``: the CIFAR-10 study's choice on ResNet-20 (holdout top-1 at 60% FLOPs
     reduction after the prune-aware phase: l1l2 0.560, l21 0.490, l1max 0.445; RESULTS.md)."""
 
@@ -43,15 +43,13 @@ class FeatureDecayConfig:
     weights: str = "uniform"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not isinstance(self.lam, (int, float)) or self.lam < 0 or self.lam != self.lam:
             raise ConfigError(f"feature-decay lambda must be a non-negative number, got {self.lam}")
         if self.penalty not in PENALTIES:
             raise ConfigError(f"penalty must be one of {', '.join(PENALTIES)}, got {self.penalty!r}")
         if self.weights not in WEIGHTINGS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTINGS)}, got {self.weights!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def penalty(s: torch.Tensor, kind: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from instaprune.core.config import ConfigMixin, check_fields
 from instaprune.core.errors import ConfigError
 
 __all__ = ["THRESHOLD_MODES", "ThresholdConfig", "saliency", "reference", "keep_mask"]
@@ -20,7 +21,7 @@ THRESHOLD_MODES = ("max", "mean", "one")
 
 
 @dataclass(frozen=True)
-class ThresholdConfig:
+class ThresholdConfig(ConfigMixin):
     """Channel c of instance i is kept iff ``s[i,c] > tau * ref(s[i,:])``, plus a floor of ``min_keep``.
 
     mode: ``max`` / ``mean`` (relative to the instance's own saliencies) or ``one`` (absolute threshold).
@@ -31,6 +32,7 @@ class ThresholdConfig:
     min_keep: float = 0.05
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.mode not in THRESHOLD_MODES:
             raise ConfigError(f"threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}")
         if not 0.0 <= self.min_keep <= 1.0:

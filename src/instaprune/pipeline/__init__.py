@@ -16,6 +16,16 @@ _EXPORTS = {
     "calibrate_plan": "stages",
     "evaluate_and_report": "stages",
     "parse_selection": "stages",
+    "PosthocSchedule": "posthoc",
+    "PosthocResult": "posthoc",
+    "run_posthoc": "posthoc",
+    "GateSchedule": "gated",
+    "GatedRun": "gated",
+    "prepare_gates": "gated",
+    "train_gated": "gated",
+    "train_static": "gated",
+    "calibrate_gates": "gated",
+    "example_input": "gated",
 }
 
 __all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ Each returns plain data; nothing here prints. The CLI adds argument parsing and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ def restore_structure(model: nn.Module, meta: dict[str, Any], pre: Preprocessing
         x = torch.zeros(1, len(pre.mean), pre.input_size, pre.input_size)
         if static:
             model = slim(model, StaticPlan.from_dict(static, find_pairs(model, x)[0]))
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise ConfigError(f"the checkpoint's structure (static plan / gates) is malformed: "
                           f"{type(e).__name__}: {e}") from e
     if gplan is not None:
@@ -141,12 +141,15 @@ def analyze_and_select(model: nn.Module, points: PointReport, batches, selection
 
 
 def calibrate_plan(lm: LoadedModel, points: PointReport, calib: ImageSet, cfg: CalibrationConfig,
-                   selection: str | Sequence[str] = "all", batch_size: int = 256) -> tuple[Plan, SaliencyStats]:
+                   selection: str | Sequence[str] = "all", batch_size: int = 256,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, SaliencyStats]:
+    """Analyse ``calib``, select points by ``selection`` and calibrate them (``progress``: one dict per
+    evaluation, see :class:`~instaprune.method.calibration.Evaluator`)."""
     batches = cached_batches(calib, lm.pre, batch_size)
     stats, chosen = analyze_and_select(lm.model, points, batches, selection, cfg.target, cfg.thresholds.min_keep)
     cv = {p.name: stats.cv(p.name) for p in points}
     plan = calibrate(lm.model, points, batches, cfg, selected=chosen, cv=cv, model_name=lm.name,
-                     preprocessing=lm.pre)
+                     preprocessing=lm.pre, progress=progress)
     return plan, stats
 
 
@@ -154,9 +157,10 @@ def evaluate_and_report(lm: LoadedModel, points: PointReport, data: ImageSet, ou
                         plan: Plan | None = None, baseline_top1: float | None = None,
                         stats: SaliencyStats | None = None, extra: dict[str, Any] | None = None,
                         title: str = "instaprune evaluation", curve_scales: Sequence[float] = (),
-                        batch_size: int = 256) -> EvalResult:
-    """Evaluate dense (+ dynamic with ``plan``), then write metrics.json, report.md and plots to ``out_dir``."""
-    res = evaluate(lm.model, data, lm.pre, points, plan, batch_size, baseline_top1)
+                        batch_size: int = 256, progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Evaluate dense (+ dynamic with ``plan``), then write metrics.json, report.md and plots to ``out_dir``.
+    ``progress``: called with the number of images of every evaluated batch."""
+    res = evaluate(lm.model, data, lm.pre, points, plan, batch_size, baseline_top1, progress=progress)
     metrics = {**(extra or {}), **res.metrics}
     if plan is not None:
         metrics["selected_points"] = len(plan.taus)

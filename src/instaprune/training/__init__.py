@@ -7,6 +7,7 @@ Imports ``core``, ``data`` and ``method``.
 from instaprune._lazy import lazy_exports
 
 _EXPORTS = {
+    "AUGMENTS": "loop",
     "CHECKPOINT_NAME": "loop",
     "TrainConfig": "loop",
     "TrainResult": "loop",

@@ -13,7 +13,10 @@ Accepted inputs of :func:`load_weights` / :func:`read_meta`:
 (d) ``.safetensors`` files, whose header metadata key ``"instaprune"`` holds the JSON-encoded meta.
 
 Files are always read with ``torch.load(..., map_location="cpu", weights_only=True)``: no code in a checkpoint
-is ever executed. Every problem raises :class:`~instaprune.errors.CheckpointError` with a one-line message.
+is ever executed. Before weights reach a model they are checked: names and shapes against the model, dtypes
+(floating where the model is floating, integer where it counts), and every floating value finite (a NaN or inf
+weight is refused, naming the tensor); a file that is neither a PyTorch archive nor safetensors is named as such.
+Every problem raises :class:`~instaprune.errors.CheckpointError` with a one-line message.
 BatchNorm ``num_batches_tracked`` counters absent from old checkpoints are not reported as missing.
 """
 
@@ -103,6 +106,15 @@ def _safetensors_meta(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _torch_load(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or safetensors file "
+                              f"(it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError, EOFError, ...
@@ -214,6 +226,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
     misshaped = [k for k in state if k in target and state[k].shape != target[k].shape]
+    mistyped = [k for k in state if k in target and k not in misshaped
+                and state[k].is_floating_point() != target[k].is_floating_point()]
+    if mistyped:
+        k = mistyped[0]
+        raise CheckpointError(f"checkpoint {p}: tensor {k!r} has dtype {state[k].dtype}, the model expects "
+                              f"{target[k].dtype}" + (f" (+{len(mistyped) - 1} more)" if len(mistyped) > 1 else ""))
+    bad = [k for k in state
+           if k in target and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {p}: tensor {bad[0]!r} holds NaN or infinite values"
+                              + (f" (+{len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                              + ": refusing to use these weights")
     if missing or unexpected or misshaped:
         parts = []
         if missing:

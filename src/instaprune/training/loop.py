@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instaprune.core.config import Preprocessing
+from instaprune.core.config import ConfigMixin, Preprocessing, check_fields
 from instaprune.core.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -56,6 +56,7 @@ from instaprune.method.masked import MaskedModel
 from instaprune.method.points import PointReport
 from instaprune.method.prune_aware import TargetController
 from instaprune.method.regularizer import FeatureDecayConfig, attach_feature_decay
+from instaprune.method.scoring import score_batches
 from instaprune.training.artifacts import (
     FAULT_EXIT_CODE,
     StopOnSignal,
@@ -67,16 +68,21 @@ from instaprune.training.artifacts import (
     write_training_checkpoint,
 )
 
-__all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainResult", "train", "evaluate_top1"]
+__all__ = ["AUGMENTS", "CHECKPOINT_NAME", "TrainConfig", "TrainResult", "train", "evaluate_top1"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _NOT_COMPARED = ("epochs", "checkpoint_every")  # may change between a run and its resumption
+#: training augmentations (``augment=None``: none): random crop (pad ``augment_pad``) + flip, or flip only
+AUGMENTS = ("cifar", "flip")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
+    """SGD with a cosine schedule (``warmup_epochs`` linear warm-up), feature ``decay``, optional distillation,
+    augmentation, bf16 autocast, accumulation and checkpointing (see the module docstring)."""
+
     epochs: int = 10
     batch_size: int = 128  # per process
     lr: float = 0.1
@@ -100,12 +106,13 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.epochs < 0 or self.batch_size < 1 or self.accumulate < 1:
             raise ConfigError("epochs must be >= 0, batch_size and accumulate >= 1")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"invalid optimiser settings: lr={self.lr}, wd={self.weight_decay}, "
                               f"momentum={self.momentum}")
-        if self.augment not in (None, "cifar", "flip"):
+        if self.augment is not None and self.augment not in AUGMENTS:
             raise ConfigError(f"augment must be cifar, flip or none, got {self.augment!r}")
         if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0:
             raise ConfigError(f"distill must be in [0, 1] and distill_temperature > 0, got {self.distill}, "
@@ -114,15 +121,6 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = epoch ends only), got "
                               f"{self.checkpoint_every}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        if isinstance(d.get("decay"), dict):
-            d["decay"] = FeatureDecayConfig(**d["decay"])
-        return cls(**d)
 
 
 @dataclass
@@ -155,13 +153,9 @@ def evaluate_top1(model: nn.Module, data: ImageSet, pre: Preprocessing, batch_si
                   channels_last: bool = False, distributed: bool = False) -> float:
     """Top-1 accuracy; ``distributed``: each rank evaluates its strided share and the counts are all-reduced
     (every rank must call it)."""
-    model.eval()
-    dev = _device_of(model)
     idx = shard_dataset(len(data)) if distributed else None
-    correct = 0
     batches = iterate_batches(data, batch_size, pre.mean, pre.std, channels_last=channels_last, indices=idx)
-    for x, y, _ in batches:
-        correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+    correct = score_batches(model, batches, device=_device_of(model)).correct
     seen = len(data) if idx is None else int(idx.numel())
     if distributed:
         correct, seen = (int(round(v)) for v in all_reduce_sum([correct, seen]))
@@ -325,7 +319,8 @@ class _Trainer:
                          self.sums[2] + float((logits.argmax(1) == y).sum()), self.sums[3] + n]
             self.epoch, self.step = epoch, step + 1
             if self.progress is not None:
-                self.progress({"epoch": epoch, "step": step, "steps": steps, "loss": ce_v, "decay": reg_v,
+                self.progress({"epoch": epoch, "epochs": cfg.epochs, "step": step, "steps": steps, "loss": ce_v,
+                               "decay": reg_v,
                                "lr": lr, "global_step": self.global_step})
             if boundary:
                 self._after_optimizer_step(last=step + 1 >= steps)
