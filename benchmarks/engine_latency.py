@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
-        metas = [r["meta"] for r in runs]
+        # a file merged before (results/engine_latency.json) contributes the parts it was merged from
+        metas = [m for r in runs for m in (r["meta"]["parts"] if "parts" in r["meta"] else [r["meta"]])]
         meta = {"command": " && ".join(m["command"] for m in metas),
                 **{k: metas[0][k] for k in ("cpu", "torch", "cores")},
                 "git_commits": sorted({m["git_commit"] for m in metas}),

@@ -273,16 +273,23 @@ def _plot_gates(rows: list[dict], png: Path) -> None:
     colors = {n: f"C{i}" for i, n in enumerate(names)}
     for ax, n in zip(axes[0], batches, strict=True):
         top = 1.0
-        for r in (r for r in rows if r["batch"] == n):
-            m = "o" if r["threads"] == 1 else "s"
-            ax.plot(r["theoretical_speedup"], r["measured_speedup"], m, color=colors[r["model"]])
-            ax.plot(r["slim_theoretical_speedup"], r["slim_speedup"], m, color=colors[r["model"]], mfc="none")
-            top = max(top, r["theoretical_speedup"], r["slim_theoretical_speedup"], r["measured_speedup"])
+        for name in names:
+            for t, m in ((1, "o"), (2, "s")):
+                sel = sorted((r for r in rows if r["batch"] == n and r["model"] == name and r["threads"] == t),
+                             key=lambda r: r["keep"])
+                if not sel:
+                    continue
+                ax.plot([r["theoretical_speedup"] for r in sel], [r["measured_speedup"] for r in sel], "-" + m,
+                        color=colors[name])
+                ax.plot([r["slim_theoretical_speedup"] for r in sel], [r["slim_speedup"] for r in sel], "--" + m,
+                        color=colors[name], mfc="none")
+                top = max(top, *(max(r["theoretical_speedup"], r["slim_theoretical_speedup"],
+                                     r["measured_speedup"]) for r in sel))
         ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", lw=0.8, ls=":")
         for name in names:
             ax.plot([], [], "o", color=colors[name], label=name)
-        ax.plot([], [], "o", color="k", label="dynamic (1 thread; squares: 2)")
-        ax.plot([], [], "o", color="k", mfc="none", label="slim, same MACs")
+        ax.plot([], [], "-o", color="k", label="dynamic (1 thread; squares: 2)")
+        ax.plot([], [], "--o", color="k", mfc="none", label="slim, same MACs (dashed)")
         ax.set_xlim(0, top * 1.05)
         ax.set_ylim(0, top * 1.05)
         ax.set_title(f"predicted gates, batch {n} (dotted: measured = theoretical)")
