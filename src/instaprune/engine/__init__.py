@@ -1,6 +1,7 @@
 """The fast dynamic engine: ``to_dynamic(model, points, plan)`` builds an eval-only model whose cost
-follows each image's active channels; private modules hold the graph rewrite, layers, kernels and cost
-model; ``bench`` times it. Tested against ``method.masked`` (the reference).
+follows each image's active channels (a gated plan: a :class:`GatedEngine`, ``_gated``); private modules hold
+the graph rewrite, layers, kernels and cost model; ``bench`` times it. Tested against ``method.masked`` and
+``method.gates.GatedModel`` (the references).
 """
 
 
