@@ -11,29 +11,34 @@ Nothing here prints; progress goes to the ``progress`` callable and the log.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from instaprune.core.errors import ConfigError
+from instaprune.core.io import atomic_write_json
 from instaprune.data.datasets import ImageSet, iterate_batches
-from instaprune.method.flops import layer_macs
+from instaprune.method.flops import flops_reduction, layer_macs
 from instaprune.method.gates import (
+    ALLOCATIONS,
     GateConfig,
     GatedModel,
     GatePlan,
     GateRamp,
+    allocate_keep,
     attach_predictors,
     find_gates,
     fit_predictors,
     uniform_keep_for_target,
 )
 from instaprune.method.plan import Plan
+from instaprune.method.scoring import score_batches
 from instaprune.pipeline.stages import LoadedModel, cached_batches, discover
 from instaprune.training.loop import CHECKPOINT_NAME, TrainConfig, train
 
@@ -49,6 +54,8 @@ class GateSchedule:
     starting model); ``ramp`` fraction of training over which the kept fraction falls from 1.0 to its budget
     (cosine); ``warmup_batches`` batches of predictor fitting with the network frozen before training (0 = off);
     ``static_target``: slim statically (L1 filter pruning) to this reduction first, then gate the rest (0 = off);
+    ``allocation``: per-gate budgets ``uniform`` or ``greedy`` (searched after the warm-up on ``allocation_images``
+    held-out images, kept only if it beats uniform there);
     ``include`` / ``exclude``: fnmatch patterns of gates."""
 
     target: float = 0.6
@@ -56,6 +63,8 @@ class GateSchedule:
     warmup_batches: int = 50
     warmup_lr: float = 0.01
     static_target: float = 0.0
+    allocation: str = "uniform"
+    allocation_images: int = 1024
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
@@ -67,6 +76,8 @@ class GateSchedule:
         if self.warmup_batches < 0 or not self.warmup_lr > 0:
             raise ConfigError(f"gate warm-up needs batches >= 0 and lr > 0, got {self.warmup_batches}, "
                               f"{self.warmup_lr}")
+        if self.allocation not in ALLOCATIONS or self.allocation_images < 1:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)} with allocation_images >= 1")
         if not 0.0 <= self.static_target < self.target:
             raise ConfigError(f"static_target must be in [0, target), got {self.static_target}")
 
@@ -115,25 +126,41 @@ def prepare_gates(lm: LoadedModel, cfg: GateConfig, schedule: GateSchedule, stat
 
 
 def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: GateConfig, schedule: GateSchedule,
-                train_cfg: TrainConfig, out_dir: str | Path, resume: str | None = "auto",
+                train_cfg: TrainConfig, out_dir: str | Path | None, resume: str | None = "auto",
                 progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, dict[str, Any]]:
     """The whole gated sequence on ``lm`` (trained in place); returns the plan and the run's metrics.
 
     ``train_cfg.distill`` > 0 distils from a copy of the dense starting model. Resumable: the warm-up is skipped
-    when ``out_dir`` already holds a training checkpoint (the predictors' weights are in it)."""
+    when ``out_dir`` already holds a training checkpoint (the predictors' weights are in it); ``out_dir=None``
+    writes nothing (no checkpoints: not resumable)."""
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else None
     teacher = copy.deepcopy(lm.model).eval() if train_cfg.distill > 0 else None
     gated, gplan = prepare_gates(lm, cfg, schedule)
     metrics: dict[str, Any] = {"gates": len(gplan.sites), "keep": next(iter(gplan.keep.values())),
                                "schedule": schedule.to_dict(), "gate_config": cfg.to_dict(),
                                "static": gplan.static is not None}
-    resuming = resume is not None and (out / CHECKPOINT_NAME).is_file()
+    resuming = resume is not None and out is not None and (out / CHECKPOINT_NAME).is_file()
     if schedule.warmup_batches and not resuming:
         batches = [(x, y) for x, y, _ in iterate_batches(data, train_cfg.batch_size, lm.pre.mean, lm.pre.std)]
         batches = batches[: schedule.warmup_batches]
         metrics["warmup_fit_loss"] = fit_predictors(gated, batches, epochs=1, lr=schedule.warmup_lr)
         log.info("gate warm-up: fit loss %s", metrics["warmup_fit_loss"])
+    if schedule.allocation != "uniform" and val is not None and not resuming:
+        held = cached_batches(val, lm.pre)
+        n, chosen = 0, []
+        for x, y in held:  # the first allocation_images held-out images
+            chosen.append((x, y))
+            n += len(y)
+            if n >= schedule.allocation_images:
+                break
+        keep, metrics["allocation"] = allocate_keep(gated, chosen, schedule.target, schedule.allocation)
+        gplan = replace(gplan, keep=keep)
+        if out is not None:
+            atomic_write_json(out / "allocation.json", {**metrics["allocation"], "keep": keep})
+    elif out is not None and resuming and (out / "allocation.json").is_file():  # budgets the interrupted run had
+        keep = json.loads((out / "allocation.json").read_text())["keep"]
+        gplan = replace(gplan, keep={str(k): float(v) for k, v in keep.items()})
     ramp = GateRamp(gated, gplan.keep, schedule.ramp)
     points = discover(lm.model, lm.pre)
     res = train(lm.model, data, train_cfg, points, lm.pre, out, val, resume, masked=gated, progress=progress,
@@ -178,23 +205,19 @@ def train_static(lm: LoadedModel, data: ImageSet, val: ImageSet | None, static_t
 
 @torch.no_grad()
 def _run(gated: GatedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    gated.eval()
-    correct = seen = 0
-    macs = 0.0
-    for x, y in batches:
-        out = gated(x)
-        correct += int((out.argmax(1) == y).sum())
-        macs += float(gated.instance_macs().sum())
-        seen += len(y)
-    return correct / seen, 1.0 - (macs / seen + gated.overhead_macs()) / gated.dense_macs
+    macs = [0.0]
+
+    def add_macs(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
+        macs[0] += float(gated.instance_macs().sum())
+
+    sc = score_batches(gated, batches, each=add_macs)
+    return sc.top1, flops_reduction(macs[0] / sc.seen, gated.dense_macs, gated.overhead_macs())
 
 
 def calibrate_gates(gated: GatedModel, plan: GatePlan, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     target: float, tolerance: float = 0.01) -> tuple[GatePlan, dict[str, Any]]:
     """Held-out check of a top-k plan, or for threshold selection: the running thresholds as the per-gate shape,
     one shared scale bisected so the held-out mean FLOPs reduction hits ``target``."""
-    from dataclasses import replace
-
     if plan.config.selection == "topk":
         gated.set_keep(plan.keep)
         top1, red = _run(gated, batches)
