@@ -25,7 +25,22 @@ OUT = ROOT / "results" / "demo_variants"
 
 #: variant -> (what it changes, DemoSchedule overrides; the key ``recipe`` holds DemoRecipe overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "default": ("the shipped schedule (max mode, greedy search, controller off)", {}),
+    "default": ("the post-hoc rule as shipped before gates (max mode, greedy search, controller off)",
+                {"method": "posthoc"}),
+    "gates": ("predicted gates (the shipped demo: top-k, hard, no distillation, 8 epochs like the baseline "
+              "branch)", {"method": "gates"}),
+    "gates_thr": ("gates with per-image budgets (threshold selection)",
+                  {"method": "gates", "gates": {"selection": "threshold"}}),
+    "gates_distill": ("gates distilled from the pre-trained model (weight 0.5)",
+                      {"method": "gates", "gates": {"distill": 0.5}}),
+    "gates_thr_distill": ("gates, threshold selection, distillation 0.5",
+                          {"method": "gates", "gates": {"selection": "threshold", "distill": 0.5}}),
+    "gates_value_distill": ("gates, kept channels multiplied by g, distillation 0.5",
+                            {"method": "gates", "gates": {"multiplier": "value", "distill": 0.5}}),
+    "gates_static_distill": ("half the target slimmed statically first, distillation 0.5",
+                             {"method": "gates", "gates": {"static_target": 0.21, "distill": 0.5}}),
+    "gates_w24_distill": ("gates on a wider network (width 24), distillation 0.5",
+                          {"method": "gates", "recipe": {"width": 24}, "gates": {"distill": 0.5}}),
     "nofc": ("the classifier's input is not masked", {"exclude": ("fc",)}),
     "one": ("absolute thresholds (mode one)", {"threshold_mode": "one"}),
     "one_nofc": ("mode one, classifier input not masked", {"threshold_mode": "one", "exclude": ("fc",)}),
@@ -48,12 +63,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+def _sp(v: float | None) -> str:
+    return "n/a (same FLOPs for every image)" if v is None else f"{v:+.2f}"
+
+
 def write_table(out: Path = OUT) -> Path:
     from instaprune.core.io import atomic_write_text
 
     rows = ["# Demo schedule variants", "",
             "`python benchmarks/demo_variants.py`: `instaprune demo` (seed, threads as listed) with one schedule "
-            "change; goal: top1 within 1 point of baseline_top1 at >= 40% FLOPs reduction, p90/p10 >= 1.3.", "",
+            "change (post-hoc rule unless the variant says gates); goal: top1 within 1 point of baseline_top1 at "
+            ">= 40% FLOPs reduction, p90/p10 >= 1.3.", "",
             "| variant | what | seed | threads | baseline | dense | top1 | drop (points) | reduction | p90/p10 "
             "| Spearman(difficulty, FLOPs) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(out.glob("*.json")):
@@ -63,7 +83,7 @@ def write_table(out: Path = OUT) -> Path:
         rows.append(f"| {r['variant']} | {VARIANTS.get(r['variant'], ('?',))[0]} | {r['seed']} | "
                     f"{r['meta']['threads']} | {m['baseline_top1']:.4f} | {m['dense_top1']:.4f} | {m['top1']:.4f} | "
                     f"{100 * (m['baseline_top1'] - m['top1']):+.2f} | {m['flops_reduction']:.3f} | "
-                    f"{'' if sp is None else f'{sp:.2f}'} | {m.get('spearman_difficulty_flops', float('nan')):+.2f} "
+                    f"{'' if sp is None else f'{sp:.2f}'} | {_sp(m.get('spearman_difficulty_flops'))} "
                     f"| {m['seconds']:.0f} |")
     return atomic_write_text(out / "demo_variants.md", "\n".join(rows) + "\n")
 
@@ -90,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
         OUT.mkdir(parents=True, exist_ok=True)
         for v in names:
-            over = dict(VARIANTS[v][1])
+            over = {"method": "posthoc", **VARIANTS[v][1]}  # variants without a method are the post-hoc rule's
             recipe = replace(DEMO_RECIPE, **over.pop("recipe", {}))
-            sched = replace(DemoSchedule(), **over)
+            base = DemoSchedule()
+            if "gates" in over:
+                over["gates"] = replace(base.gates, **over["gates"])
+            sched = replace(base, **over)
             with tempfile.TemporaryDirectory() as tmp:
                 m = run_demo(tmp, seed=a.seed, schedule=sched, recipe=recipe)
             atomic_write_json(OUT / f"{v}_s{a.seed}_t{a.threads}.json",

@@ -592,17 +592,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from instaprune.demo.run import run_demo
+    from instaprune.demo.run import DemoSchedule, run_demo
     from instaprune.method.calibration import CalibrationConfig
 
     CalibrationConfig(target=args.target)  # refused before anything runs
+    schedule = DemoSchedule(method=args.method)
     out = _begin_output(args, _check_out_dir(args, args.output_dir))
     with Progress() as p:
-        metrics = run_demo(out, seed=args.seed, target=args.target, progress=lambda s: p.stage(f"demo: {s}"),
+        metrics = run_demo(out, seed=args.seed, target=args.target, schedule=schedule,
+                           progress=lambda s: p.stage(f"demo: {s}"),
                            step_progress=_step_reporter(p, {"*": "demo: ", "finetune": "demo: fine-tuning with "
                                                             "feature decay", "prune_aware": "demo: prune-aware "
                                                             "fine-tuning"}))
-    keys = ("baseline_top1", "dense_top1", "top1", "flops_reduction", "per_image_flops_p90_over_p10",
+    keys = ("method", "baseline_top1", "dense_top1", "top1", "flops_reduction", "per_image_flops_p90_over_p10",
             "spearman_difficulty_flops", "seconds")
     _out(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
     _out(f"report: {out / 'report.md'}")

@@ -39,7 +39,7 @@ save_resolved = commands.save_resolved
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from instaprune.demo.run import DEMO_TARGET, run_demo
+    from instaprune.demo.run import DEMO_METHODS, DEMO_TARGET, DemoSchedule, run_demo
     from instaprune.engine.bench import CLOCKS, benchmark_plan
     from instaprune.evaluation.export import EXPORT_FORMATS
 
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--output-dir", default=fn_default(run_demo, "out_dir"), help="run directory")
     add(g, "--seed", type=int, default=fn_default(run_demo, "seed"), help="random seed")
     add(g, "--target", type=float, default=DEMO_TARGET, help="FLOPs reduction target")
+    add(g, "--method", choices=DEMO_METHODS, default=DemoSchedule.method, help="the method branch: predicted "
+        "gates or the paper's post-hoc rule")
     return parser
 
 

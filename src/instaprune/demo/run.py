@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from instaprune.core.config import Preprocessing
 from instaprune.core.errors import ConfigError
 from instaprune.data.datasets import ImageSet
 from instaprune.data.synthetic import RECIPE, DemoData, DemoRecipe, make_splits, mean_std
+from instaprune.demo.gated import DemoGates, gated_branch
 from instaprune.evaluation.report import spearman
 from instaprune.method.calibration import CalibrationConfig
 from instaprune.method.regularizer import FeatureDecayConfig
@@ -36,6 +37,7 @@ __all__ = ["DEMO_RECIPE", "DEMO_TARGET", "DemoSchedule", "run_demo"]
 log = logging.getLogger(__name__)
 
 DEMO_TARGET = 0.42
+DEMO_METHODS = ("gates", "posthoc")
 #: the demo's data/training recipe (16x16 images keep the whole run within 3 minutes on 2 cores)
 DEMO_RECIPE = RECIPE
 
@@ -62,10 +64,16 @@ class DemoSchedule:
     #: fnmatch patterns of prune points that are not masked (feature decay still sees every point), e.g.
     #: ``("fc",)``: the classifier's input costs almost no MACs
     exclude: tuple[str, ...] = ()
+    #: the method branch: ``gates`` (predicted gates, :mod:`instaprune.demo.gated`, trained for the same
+    #: ``finetune_epochs + prune_aware_epochs``) or ``posthoc`` (the paper's rule, the fields above)
+    method: str = "gates"
+    gates: DemoGates = field(default_factory=DemoGates)
 
     def __post_init__(self) -> None:
         if min(self.finetune_epochs, self.prune_aware_epochs) < 0 or self.search_images < 1:
             raise ConfigError(f"demo schedule: epochs must be >= 0 and search_images >= 1, got {self}")
+        if self.method not in DEMO_METHODS:
+            raise ConfigError(f"demo method must be one of {', '.join(DEMO_METHODS)}, got {self.method!r}")
 
 
 def _phase(progress: Callable[[dict[str, Any]], None] | None, name: str):
@@ -134,6 +142,40 @@ def run_demo(
     teacher = base.eval() if schedule.distill > 0 else None
 
     lm = LoadedModel("tiny_resnet", model, pre, {})
+    out = Path(out_dir)
+    if schedule.method == "gates":  # the same epochs as the baseline branch, under predicted gates
+        say("training the gated branch")
+        t = time.perf_counter()
+        gates = replace(schedule.gates, epochs=schedule.finetune_epochs + schedule.prune_aware_epochs)
+        plan, gm = gated_branch(lm, train_set, calib_set, _train_cfg(recipe, 0.0, seed), target, gates,
+                                progress=_phase(step_progress, "gated branch"))
+        timings["train_gates_s"] = time.perf_counter() - t
+        points, stats = discover(lm.model, pre), None
+        before_pa = None
+        train_top1 = [h["train_top1"] for h in gm["history"]]
+    else:
+        plan, stats, points, before_pa, train_top1 = _posthoc_branch(lm, points, train_set, calib_set, recipe,
+                                                                     schedule, target, seed, teacher, say,
+                                                                     step_progress, timings)
+    plan.save(out / "plan.json")
+
+    say("evaluating")
+    t = time.perf_counter()
+    scales = (0.5, 0.75, 1.0, 1.5, 2.0) if schedule.method == "posthoc" or schedule.gates.selection != "topk" else ()
+    extra = {"model": "tiny_resnet", "seed": seed, "method": schedule.method, "recipe": recipe.to_dict(),
+             "schedule": asdict(schedule), "calibration_top1_before_prune_aware": before_pa,
+             "train_top1_under_masks": train_top1,
+             "train_images": len(train_set), "calibration_images": len(calib_set)}
+    res = evaluate_and_report(lm, points, test_set, out, plan, baseline_top1, stats, extra,
+                              title="instaprune demo", curve_scales=scales)
+    return _finish(res, te, timings, t, t0, out)
+
+
+def _posthoc_branch(lm: LoadedModel, points, train_set: ImageSet, calib_set: ImageSet, recipe: DemoRecipe,
+                    schedule: DemoSchedule, target: float, seed: int, teacher, say, step_progress,
+                    timings: dict[str, float]):
+    """The paper's rule as the method branch: the post-hoc sequence ``instaprune train`` runs."""
+    model, pre = lm.model, lm.pre
     cfg = CalibrationConfig(target=target, search=schedule.search,
                             thresholds=ThresholdConfig(schedule.threshold_mode, ThresholdConfig.min_keep),
                             search_images=schedule.search_images, ladder_steps=schedule.ladder_steps)
@@ -156,21 +198,19 @@ def run_demo(
     before_pa = before.calibration["results"][before.calibration["chosen"]]["top1"]
     if schedule.exclude:
         points = discover(model, pre, exclude=schedule.exclude)
-    out = Path(out_dir)
-    plan.save(out / "plan.json")
+    return plan, stats, points, before_pa, None
 
-    say("evaluating")
-    t = time.perf_counter()
-    scales = (0.5, 0.75, 1.0, 1.5, 2.0)
-    extra = {"model": "tiny_resnet", "seed": seed, "recipe": recipe.to_dict(), "schedule": asdict(schedule),
-             "calibration_top1_before_prune_aware": before_pa,
-             "train_images": len(train_set), "calibration_images": len(calib_set)}
-    res = evaluate_and_report(lm, points, test_set, out, plan, baseline_top1, stats, extra,
-                              title="instaprune demo", curve_scales=scales)
+
+def _finish(res, te, timings: dict[str, float], t: float, t0: float, out: Path) -> dict[str, Any]:
     timings["evaluate_s"] = time.perf_counter() - t
     m = res.metrics
-    m["spearman_difficulty_flops"] = spearman(te.difficulty, res.per_instance["flops"])
-    m["spearman_confidence_flops"] = spearman(res.per_instance["dense_confidence"], res.per_instance["flops"])
+    flops = res.per_instance["flops"]
+    varies = bool(flops.max() > flops.min())  # top-k gates: every image costs the same, no rank correlation
+    m["spearman_difficulty_flops"] = spearman(te.difficulty, flops) if varies else None
+    m["spearman_confidence_flops"] = spearman(res.per_instance["dense_confidence"], flops) if varies else None
+    from instaprune.evaluation.report import plot_difficulty_vs_flops
+
+    plot_difficulty_vs_flops(out, te.difficulty, flops, 2 * m["dense_macs"], res.per_instance.get("correct"))
     m.update(timings)
     m["seconds"] = time.perf_counter() - t0
     m["torch"] = torch.__version__
@@ -179,7 +219,9 @@ def run_demo(
 
     write_metrics(out, m)
     notes = [f"Spearman correlation between generator difficulty and per-image FLOPs: "
-             f"{m['spearman_difficulty_flops']:+.3f} (positive: harder images cost more)."]
+             f"{m['spearman_difficulty_flops']:+.3f} (positive: harder images cost more)." if varies else
+             "Every image costs the same FLOPs (top-k gates: a fixed budget per gate), so cost cannot follow "
+             "difficulty; threshold gates (per-image budgets) can."]
     plots = sorted(p.name for p in out.glob("*.png"))
     write_markdown(out, "instaprune demo", m, res.per_point, plots, notes)
     log.info("demo finished in %.1fs: %s", m["seconds"], {k: m.get(k) for k in ("baseline_top1", "top1")})
