@@ -467,3 +467,30 @@ def test_one_model_mixes_gates_and_post_hoc_points():
     assert mixed.overhead_macs() > gated_only.overhead_macs()
     mixed.remove()
     gated_only.remove()
+
+
+def test_cli_lists_gates_and_recalibrates_a_gated_checkpoint(tiny_data, tmp_path, capsys):
+    from instaprune.cli.main import main
+
+    data, pre = tiny_data
+    lm = _lm(pre)
+    plan, _ = train_gated(lm, data, data, GateConfig(), GateSchedule(target=0.4, warmup_batches=1),
+                          TrainConfig(epochs=1, batch_size=16, lr=0.05), None, resume=None)
+    meta = {"model_name": "tiny_resnet", "num_classes": 10, "preprocessing": pre.to_dict(),
+            "gates": plan.gates.to_dict()}
+    save_checkpoint(tmp_path / "model.pt", lm.model, meta)
+    from PIL import Image
+
+    folder = tmp_path / "images"  # the tiny set as an ImageFolder of PNGs (uint8 N, C, H, W)
+    for i, (img, y) in enumerate(zip(data.images[:40], data.labels[:40], strict=True)):
+        (folder / data.class_names[int(y)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / data.class_names[int(y)] / f"{i}.png")
+    assert main(["points", "--model", "resnet20", "--gates", "--output-dir", str(tmp_path / "pts")]) == 0
+    listed = json.loads((tmp_path / "pts" / "gates.json").read_text())
+    assert len(listed["gates"]) == 9 and any("skip connection" in r["reason"] for r in listed["not_gateable"])
+    assert main(["calibrate", "--model", "tiny_resnet", "--checkpoint", str(tmp_path / "model.pt"), "--data-path",
+                 str(folder), "--target", "0.3", "--output-dir", str(tmp_path / "cal")]) == 0
+    new = Plan.load(tmp_path / "cal" / "plan.json")
+    assert new.gates is not None and new.target == 0.3
+    assert abs(new.calibration["flops_reduction"] - 0.3) <= 0.02
+    assert new.gates.keep[plan.gates.sites[0].name] > plan.gates.keep[plan.gates.sites[0].name]

@@ -235,6 +235,8 @@ class _Ticking:
 def cmd_points(args: argparse.Namespace) -> int:
     out = _check_out_dir(args, args.output_dir) if args.output_dir else None
     lm = _load(args)
+    if getattr(args, "gates", False):
+        return _gate_points(args, lm, out)
     rep = _points(args, lm, args.input_size)
     rows = [[p.name, p.kind, p.channels, f"{p.height}x{p.width}", f"{100 * p.macs / rep.dense_macs:.2f}%",
              p.source] for p in rep.points]
@@ -254,6 +256,32 @@ def cmd_points(args: argparse.Namespace) -> int:
             "points": [p.to_dict() for p in rep.points],
             "disabled": [{"name": p.name, "reason": w} for p, w in rep.disabled],
             "skipped": [{"name": n, "reason": w} for n, w in rep.skipped]})
+    return 0
+
+
+def _gate_points(args: argparse.Namespace, lm, out: Path | None) -> int:
+    import torch
+
+    from instaprune.method.gates import find_gates
+
+    size = args.input_size or lm.pre.input_size
+    rep = find_gates(lm.model, torch.zeros(1, len(lm.pre.mean), size, size), args.include, args.exclude)
+    rows = [[s.name, " -> ".join(s.producers), s.channels, s.in_channels,
+             f"{100 * (sum(s.producer_macs) + s.consumer_macs) / rep.dense_macs:.2f}%"] for s in rep]
+    _out(_table(rows, ["gate (consumer)", "producer chain", "C", "predictor input C", "MACs it gates"]))
+    _out(f"\n{len(rep)} gateable tensors; dense {rep.dense_macs:,} MACs per image at {size}x{size}")
+    for name, why in rep.disabled:
+        _out(f"disabled: {name}: {why}")
+    for name, why in rep.not_gateable:
+        _out(f"not gateable: {name}: {why}")
+    if out is not None:
+        from instaprune.core.io import atomic_write_json
+
+        _begin_output(args, out)
+        atomic_write_json(out / "gates.json", {
+            "model": args.model, "dense_macs": rep.dense_macs, "gates": [s.to_dict() for s in rep],
+            "disabled": [{"name": n, "reason": w} for n, w in rep.disabled],
+            "not_gateable": [{"name": n, "reason": w} for n, w in rep.not_gateable]})
     return 0
 
 
@@ -473,6 +501,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lm = _load(args)
         data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
                           args.split_seed)
+        if lm.meta.get("gates"):  # a gated checkpoint: its gates are calibrated to --target (no training)
+            from instaprune.method.gates import GatePlan
+            from instaprune.pipeline.gated import recalibrate_gates
+
+            p.stage("calibrate: gates")
+            plan = recalibrate_gates(lm, GatePlan.from_dict(lm.meta["gates"]), data, ccfg.target, args.batch_size)
+            _begin_output(args, out)
+            plan.save(out / "plan.json")
+            c = plan.calibration
+            _out(f"plan: {len(plan.gates.sites)} gates ({c['selection']}), calibration top-1 {c['top1']:.4f} at "
+                 f"FLOPs reduction {c['flops_reduction']:.3f} -> {out / 'plan.json'}")
+            return 0
         points = _points(args, lm)
         p.stage("calibrate: analysing")
         plan, _ = calibrate_plan(lm, points, data, ccfg, args.select, args.batch_size,

@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     weights_help = ("use the plan with weights other than the ones it was calibrated on (its thresholds and FLOPs "
                     "reduction are then not what it says): a warning instead of an error")
 
-    p = command("points", "list the prune points of a model")
+    p = command("points", "list the prune points of a model (with --gates: its gateable tensors)")
     common_model(p, data=False)
     points_opts(p)
-    add(p.add_argument_group("points"), "--input-size", type=int, help="input resolution (default: the model's)")
+    g = p.add_argument_group("points")
+    add(g, "--input-size", type=int, help="input resolution (default: the model's)")
+    add(g, "--gates", action="store_true", help="list the tensors predicted gates can sit on (producer chain, "
+        "channels, MACs they gate) and the reason for every other conv input")
 
     p = command("train", "train or fine-tune with feature decay (and an optional prune-aware phase)")
     common_model(p)

@@ -37,13 +37,13 @@ from instaprune.method.gates import (
     fit_predictors,
     uniform_keep_for_target,
 )
-from instaprune.method.plan import Plan
+from instaprune.method.plan import Plan, weights_fingerprint
 from instaprune.method.scoring import score_batches
 from instaprune.pipeline.stages import LoadedModel, cached_batches, discover
 from instaprune.training.loop import CHECKPOINT_NAME, TrainConfig, train
 
 __all__ = ["GateSchedule", "GatedRun", "prepare_gates", "train_gated", "train_static", "calibrate_gates",
-           "example_input"]
+           "recalibrate_gates", "example_input"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: Gate
     gated.remove()
     plan = Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
                 target=schedule.target, calibration=metrics.get("calibration", {}), preprocessing=lm.pre,
-                gates=plan_g)
+                gates=plan_g, weights=weights_fingerprint(lm.model))
     metrics["seconds"] = time.perf_counter() - t0
     return plan, metrics
 
@@ -201,6 +201,30 @@ def train_static(lm: LoadedModel, data: ImageSet, val: ImageSet | None, static_t
                "static_target": static_target, "flops_reduction": sp.reduction, "macs": sp.macs,
                "dense_macs": sp.dense_macs, "history": res.history, "seconds": time.perf_counter() - t0}
     return sp.to_dict(), metrics
+
+
+def recalibrate_gates(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target: float,
+                      batch_size: int = 256) -> Plan:
+    """A gated model (trained, predictors loaded) calibrated to another FLOPs ``target`` on ``calib`` without
+    training: top-k gates get the uniform keep fraction of the new target; threshold gates keep their per-gate
+    shape and one shared scale is bisected to the target."""
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"FLOPs target must be in (0, 1), got {target}")
+    found = find_gates(lm.model, example_input(lm))
+    gated = GatedModel(lm.model, gates.report(found), gates.config, keep=gates.keep, taus=gates.taus or None,
+                       dense_macs=gates.dense_macs or None)
+    try:
+        if gates.config.selection == "topk":
+            keep = uniform_keep_for_target(gated.gates, target, gated.dense_macs, gates.config.min_keep,
+                                           gated.overhead_macs())
+            gates = replace(gates, keep=dict.fromkeys(gates.keep, keep))
+        new, cal = calibrate_gates(gated, gates, cached_batches(calib, lm.pre, batch_size), target)
+    finally:
+        gated.remove()
+    points = discover(lm.model, lm.pre)
+    return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
+                target=target, calibration=cal, preprocessing=lm.pre, gates=new,
+                weights=weights_fingerprint(lm.model))
 
 
 @torch.no_grad()
