@@ -200,6 +200,45 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     return path
 
 
+def goals(results: Path = Path("results")) -> list[str]:
+    """Study 2's goals (issue 23) against the rows reported so far (``results/cifar10_gates_<model>.json``)."""
+    lines = ["## Study 2 goals against the measured rows", "",
+             "| model | goal | measured | met |", "|---|---|---|---|"]
+    for model in ("resnet56", "resnet20"):
+        d = _load(results / f"cifar10_gates_{model}.json")
+        if d is None:
+            lines.append(f"| {model} | all | pending (no row yet) | - |")
+            continue
+        base = d["meta"]["baseline_top1"]
+        for target, need in ((0.6, 1.0), (0.7, 2.0)):
+            for budget in ("short", "long"):
+                rows = [r for r in d["rows"] if r["target"] == target and r["budget"] == budget]
+                dyn = [r for r in rows if r["variant"] not in STATIC and r.get("minus_static")]
+                if not dyn:
+                    lines.append(f"| {model} | {target:.0%} {budget}: best instance-wise row beats static by >= "
+                                 f"{need:g} point(s), CI > 0 | pending | - |")
+                    continue
+                best = max(dyn, key=lambda r: r["minus_static"]["diff"])
+                diff, (lo, hi) = best["minus_static"]["diff"], best["minus_static"]["ci95"]
+                met = diff >= need / 100 and lo > 0
+                lines.append(f"| {model} | {target:.0%} {budget}: best instance-wise row beats static by >= {need:g} "
+                             f"point(s), CI > 0 | {best['variant']}: {100 * diff:+.2f} [{100 * lo:+.2f}, "
+                             f"{100 * hi:+.2f}] | {'yes' if met else 'no'} |")
+                if target == 0.6 and base is not None:
+                    gap = 100 * (best["top1"] - base)
+                    lines.append(f"| {model} | {target:.0%} {budget}: within 1.0 point of the adapted baseline "
+                                 f"({base:.4f}) | {best['variant']}: {gap:+.2f} points | "
+                                 f"{'yes' if gap >= -1.0 else 'no'} |")
+        spread = [r for r in d["rows"] if (r.get("per_image_flops_p90_over_p10") or 1.0) > 1.0]
+        if spread:
+            r = max(spread, key=lambda r: r["per_image_flops_p90_over_p10"])
+            sp = r.get("spearman_flops_baseline_confidence")
+            lines.append(f"| {model} | per-image FLOPs p90/p10 >= 1.5 (threshold gates), Spearman(FLOPs, baseline "
+                         f"confidence) reported | {r['variant']} {r['target']}: {r['per_image_flops_p90_over_p10']:.2f}"
+                         f", Spearman {_f(sp, 2)} | {'yes' if r['per_image_flops_p90_over_p10'] >= 1.5 else 'no'} |")
+    return lines + [""]
+
+
 def _f(v: float | None, nd: int = 4) -> str:
     return "" if v is None else f"{v:.{nd}f}"
 
@@ -259,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         status(a.model, a.work)
         return 0
     if a.action == "report":
+        from cifar10_study import write_results_md  # RESULTS.md opens with study 2 (this script's tables)
+
         print(report(a.model, a.work))
+        print(write_results_md())
         return 0
     prefixes = tuple(p for p in a.only.split(",") if p)
 
