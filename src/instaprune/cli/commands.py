@@ -243,19 +243,26 @@ def cmd_points(args: argparse.Namespace) -> int:
     _out(_table(rows, ["point", "kind", "C", "HxW", "MACs share", "reads output of"]))
     _out(f"\n{len(rep.points)} prune points; dense {rep.dense_macs:,} MACs ({2 * rep.dense_macs:,} FLOPs) per "
          f"image at {rep.input_shape[2]}x{rep.input_shape[3]}")
-    for p, why in rep.disabled:
-        _out(f"disabled: {p.name}: {why}")
-    for name, why in rep.skipped:
-        _out(f"skipped:  {name}: {why}")
+    return _reasons_and_listing(args, out, "points.json", {
+        "model": args.model, "dense_macs": rep.dense_macs, "fingerprint": rep.fingerprint(),
+        "points": [p.to_dict() for p in rep.points]},
+        {"disabled": [(p.name, w) for p, w in rep.disabled], "skipped": list(rep.skipped)})
+
+
+def _reasons_and_listing(args: argparse.Namespace, out: Path | None, filename: str, payload: dict[str, Any],
+                         reasons: dict[str, list[tuple[str, str]]]) -> int:
+    """Print a line per (name, reason) under each label; with --output-dir write ``payload`` plus the reasons
+    (``[{"name", "reason"}]`` per label) as ``filename``."""
+    width = max(len(label) for label in reasons) + 1
+    for label, items in reasons.items():
+        for name, why in items:
+            _out(f"{(label.replace('_', ' ') + ':'):<{width}} {name}: {why}")
     if out is not None:
         from instaprune.core.io import atomic_write_json
 
         _begin_output(args, out)
-        atomic_write_json(out / "points.json", {
-            "model": args.model, "dense_macs": rep.dense_macs, "fingerprint": rep.fingerprint(),
-            "points": [p.to_dict() for p in rep.points],
-            "disabled": [{"name": p.name, "reason": w} for p, w in rep.disabled],
-            "skipped": [{"name": n, "reason": w} for n, w in rep.skipped]})
+        atomic_write_json(out / filename, {**payload, **{label: [{"name": n, "reason": w} for n, w in items]
+                                                          for label, items in reasons.items()}})
     return 0
 
 
@@ -270,19 +277,9 @@ def _gate_points(args: argparse.Namespace, lm, out: Path | None) -> int:
              f"{100 * (sum(s.producer_macs) + s.consumer_macs) / rep.dense_macs:.2f}%"] for s in rep]
     _out(_table(rows, ["gate (consumer)", "producer chain", "C", "predictor input C", "MACs it gates"]))
     _out(f"\n{len(rep)} gateable tensors; dense {rep.dense_macs:,} MACs per image at {size}x{size}")
-    for name, why in rep.disabled:
-        _out(f"disabled: {name}: {why}")
-    for name, why in rep.not_gateable:
-        _out(f"not gateable: {name}: {why}")
-    if out is not None:
-        from instaprune.core.io import atomic_write_json
-
-        _begin_output(args, out)
-        atomic_write_json(out / "gates.json", {
-            "model": args.model, "dense_macs": rep.dense_macs, "gates": [s.to_dict() for s in rep],
-            "disabled": [{"name": n, "reason": w} for n, w in rep.disabled],
-            "not_gateable": [{"name": n, "reason": w} for n, w in rep.not_gateable]})
-    return 0
+    return _reasons_and_listing(args, out, "gates.json", {
+        "model": args.model, "dense_macs": rep.dense_macs, "gates": [s.to_dict() for s in rep]},
+        {"disabled": list(rep.disabled), "not_gateable": list(rep.not_gateable)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
