@@ -116,13 +116,30 @@ def _check_out_dir(args: argparse.Namespace, default: str, inputs: tuple[str | N
 
 
 def _begin_output(args: argparse.Namespace, out: Path) -> Path:
-    """Create ``out`` and write ``config.yaml`` (the inputs have been checked by now)."""
+    """Create ``out`` and write ``config.yaml`` (the inputs have been checked by now). What this call created is
+    remembered, so a command that fails later leaves no output folder behind (:func:`undo_output`)."""
+    created, had_config = not out.exists(), (out / "config.yaml").exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --output-dir {out}: {e.strerror or e}") from e
     save_resolved(args, out)
+    args._began = (out, created, had_config)
     return out
+
+
+def undo_output(args: argparse.Namespace) -> None:
+    """After a failed command: remove the ``config.yaml`` it wrote (unless one was there before: a resumed run's),
+    and its output folder if the command created it and nothing else was written there (partial results of a
+    resumable run are kept)."""
+    began = getattr(args, "_began", None)
+    if began is None:
+        return
+    out, created, had_config = began
+    if not had_config:
+        (out / "config.yaml").unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def save_resolved(args: argparse.Namespace, out_dir: str | Path) -> None:

@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
     except InstapruneError as e:
+        commands.undo_output(args)  # a failed command leaves no half-written output folder
         print(f"instaprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -187,7 +187,8 @@ class ConfigMixin:
     """``to_dict`` / ``from_dict`` for a config dataclass through the generic serialisation."""
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        """Plain data with ``"version"`` (what :meth:`from_dict` reads back)."""
+        return config_to_dict(self, version=True)
 
     @classmethod
     def from_dict(cls: type[C], d: Any, where: str | None = None) -> C:
