@@ -494,3 +494,27 @@ def test_cli_lists_gates_and_recalibrates_a_gated_checkpoint(tiny_data, tmp_path
     assert new.gates is not None and new.target == 0.3
     assert abs(new.calibration["flops_reduction"] - 0.3) <= 0.02
     assert new.gates.keep[plan.gates.sites[0].name] > plan.gates.keep[plan.gates.sites[0].name]
+
+
+def test_cli_refuses_a_gated_plan_on_weights_without_gates_and_leaves_nothing(tmp_path, capsys):
+    from instaprune.cli.main import main
+
+    model = _model("resnet20")
+    pre = Preprocessing(input_size=32)
+    gates = find_gates(model, torch.zeros(1, 3, 32, 32))
+    points = find_prune_points(model, torch.zeros(1, 3, 32, 32))
+    gp = GatePlan(GateConfig(), gates.sites, dict.fromkeys(gates.names(), 0.5), {}, gates.dense_macs)
+    Plan("resnet20", points.fingerprint(), Plan.signature(points), {}, preprocessing=pre, gates=gp).save(
+        tmp_path / "plan.json")
+    save_checkpoint(tmp_path / "plain.pt", model, {"model_name": "resnet20", "num_classes": 10})
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a" / "0.png")
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "resnet20", "--checkpoint", str(tmp_path / "plain.pt"), "--plan",
+                 str(tmp_path / "plan.json"), "--data-path", str(tmp_path / "img"), "--output-dir", str(out),
+                 "--allow-other-weights"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no gate predictors" in err[0]
+    assert not out.exists()  # nothing half-written
