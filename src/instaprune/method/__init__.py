@@ -44,6 +44,7 @@ _EXPORTS = {
     "Evaluator": "calibration",
     "calibrate": "calibration",
     "bisect_scale": "calibration",
+    "bisect_reduction": "calibration",
     "recalibrate_batchnorm": "calibration",
     "PruneAwareConfig": "prune_aware",
     "TargetController": "prune_aware",

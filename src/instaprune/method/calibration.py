@@ -52,7 +52,7 @@ from instaprune.method.scoring import score_batches
 from instaprune.method.thresholds import ThresholdConfig
 
 __all__ = ["SEARCHES", "CalibrationConfig", "Evaluation", "Evaluator", "calibrate", "bisect_scale",
-           "recalibrate_batchnorm"]
+           "bisect_reduction", "recalibrate_batchnorm"]
 
 log = logging.getLogger(__name__)
 SEARCHES = ("greedy", "shared")
@@ -133,9 +133,10 @@ def _ladders(model: nn.Module, points: PointReport, names: Sequence[str], batche
     return {n: sorted(set(r)) for n, r in rungs.items()}
 
 
-def _bisect(fn: Callable[[float], Evaluation], target: float, tol: float, hi: float = 1.0,
-            max_iter: int = 40) -> tuple[float, Evaluation]:
-    """Find x >= 0 with fn(x).flops_reduction within tol/2 of target (reduction grows with x)."""
+def bisect_reduction(fn: Callable[[float], Evaluation], target: float, tol: float, hi: float = 1.0,
+                     max_iter: int = 40) -> tuple[float, Evaluation]:
+    """Find x >= 0 with fn(x).flops_reduction within tol/2 of target (reduction grows with x): the one bisection
+    of every calibration (post-hoc taus, gate thresholds)."""
     lo, e_lo = 0.0, fn(0.0)
     if e_lo.flops_reduction >= target - tol / 2:
         return 0.0, e_lo
@@ -165,7 +166,7 @@ def bisect_scale(ev: Evaluator, taus: Mapping[str, float], target: float,
                  tolerance: float = 0.01) -> tuple[float, Evaluation]:
     """The global scale on ``taus`` at which the evaluator's batches reach a mean FLOPs reduction of ``target``
     (within ``tolerance`` / 2, by bisection), and the evaluation there. Works with any :class:`MaskedModel`."""
-    return _bisect(lambda s: ev.run(taus, s), target, tolerance)
+    return bisect_reduction(lambda s: ev.run(taus, s), target, tolerance)
 
 
 def _greedy(ev: Evaluator, ladders: dict[str, list[float]], target: float, limit: int) -> dict[str, float]:
@@ -240,7 +241,7 @@ def calibrate(
         def shared_fn(t: float) -> Evaluation:
             return ev.run({n: t for n in names})
 
-        tau, shared = _bisect(shared_fn, cfg.target, cfg.tolerance)
+        tau, shared = bisect_reduction(shared_fn, cfg.target, cfg.tolerance)
         results = {"shared": {"taus": {n: tau for n in names}, "top1": shared.top1,
                               "flops_reduction": shared.flops_reduction}}
         chosen = "shared"
@@ -251,7 +252,7 @@ def calibrate(
             masked.enabled = True
             ev.search = "greedy"
             taus = _greedy(ev, ladders, cfg.target, cfg.search_images)
-            scale, g = _bisect(lambda s: ev.run(taus, s), cfg.target, cfg.tolerance)
+            scale, g = bisect_reduction(lambda s: ev.run(taus, s), cfg.target, cfg.tolerance)
             results["greedy"] = {"taus": {n: t * scale for n, t in taus.items()}, "top1": g.top1,
                                  "flops_reduction": g.flops_reduction}
             on_target = abs(g.flops_reduction - cfg.target) <= cfg.tolerance
@@ -270,7 +271,7 @@ def calibrate(
             masked.set_taus(final, 1.0)
             ev.search = "bn_recalibration"
             n_bn = recalibrate_batchnorm(masked, batches)
-            scale, e = _bisect(lambda s: ev.run(final, s), cfg.target, cfg.tolerance)
+            scale, e = bisect_reduction(lambda s: ev.run(final, s), cfg.target, cfg.tolerance)
             final = {n: t * scale for n, t in final.items()}
             results["bn_recalibrated"] = {"taus": final, "top1": e.top1, "flops_reduction": e.flops_reduction,
                                           "batchnorm_layers": n_bn, "scale": scale}

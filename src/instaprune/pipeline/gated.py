@@ -246,28 +246,18 @@ def calibrate_gates(gated: GatedModel, plan: GatePlan, batches: Sequence[tuple[t
         gated.set_keep(plan.keep)
         top1, red = _run(gated, batches)
         return plan, {"selection": "topk", "top1": top1, "flops_reduction": red}
+    from instaprune.method.calibration import Evaluation, bisect_reduction
+
     gated.running_taus = False
     taus = dict(gated.taus)
 
-    def at(scale: float) -> tuple[float, float]:
+    def at(scale: float) -> Evaluation:
         gated.scale = scale
-        return _run(gated, batches)
+        top1, red = _run(gated, batches)
+        return Evaluation(top1, float("nan"), red)
 
-    lo, hi = 0.0, 1.0
-    top1, red = at(hi)
-    while red < target and hi < 1e4:
-        lo, hi = hi, hi * 2
-        top1, red = at(hi)
-    best = (hi, top1, red)
-    for _ in range(25):
-        if abs(best[2] - target) <= tolerance / 2:
-            break
-        mid = (lo + hi) / 2
-        t, r = at(mid)
-        lo, hi = (mid, hi) if r < target else (lo, mid)
-        if abs(r - target) < abs(best[2] - target):
-            best = (mid, t, r)
-    scale, top1, red = best
+    scale, e = bisect_reduction(at, target, tolerance)
+    top1, red = e.top1, e.flops_reduction
     gated.scale = 1.0
     new = replace(plan, taus={n: t * scale for n, t in taus.items()})
     gated.taus = dict(new.taus)
