@@ -244,8 +244,10 @@ def _f(v: float | None, nd: int = 4) -> str:
 
 
 def _cost(out: Path) -> float | None:
+    """Wall seconds: the runner's record, unless it stopped recording mid-run (its runner was restarted while the
+    stage went on: ``in_progress``), then the stage's own ``metrics.json``."""
     c = _load(out / "cost.json")
-    if c is not None:
+    if c is not None and not c.get("in_progress"):
         return float(c["seconds"])
     m = _load(out / "metrics.json")
     return None if m is None else m.get("seconds")
@@ -253,7 +255,9 @@ def _cost(out: Path) -> float | None:
 
 def _cpu(out: Path) -> float | None:
     c = _load(out / "cost.json")
-    return None if c is None or c.get("cpu_seconds") is None else float(c["cpu_seconds"])
+    if c is None or c.get("in_progress") or c.get("cpu_seconds") is None:
+        return None  # not recorded to the end
+    return float(c["cpu_seconds"])
 
 
 def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
