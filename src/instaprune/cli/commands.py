@@ -477,16 +477,13 @@ def _num_classes(model) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from instaprune.core.io import atomic_write_json
     from instaprune.evaluation.report import write_plots
-    from instaprune.pipeline.stages import analyze_and_select, cached_batches, load_split
+    from instaprune.pipeline.stages import analyze_and_select, cached_batches
 
     if args.max_images < 0:
         raise ConfigError(f"--max-images must be >= 0 (0 = all), got {args.max_images}")
     out = _check_out_dir(args, "runs/analyze", (args.data_path,))
     with Progress() as p:
-        p.stage("loading model and data")
-        lm = _load(args)
-        data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
-                          args.split_seed)
+        lm, data = _load_with_holdout(args, p)
         data = _sample(data, args.max_images, args.sample_seed)
         points = _points(args, lm)
         batches = cached_batches(data, lm.pre, args.batch_size)
@@ -503,18 +500,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_with_holdout(args: argparse.Namespace, p: Progress):
+    """The model and the images analyze/calibrate work on: the --holdout part of --data-path (all without it)."""
+    from instaprune.pipeline.stages import load_split
+
+    p.stage("loading model and data")
+    lm = _load(args)
+    return lm, load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
+                          args.split_seed)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from instaprune.pipeline.stages import calibrate_plan, load_split, parse_selection
+    from instaprune.pipeline.stages import calibrate_plan, parse_selection
 
     ccfg = calibration_config(args)
     if not args.select.strip().startswith("plan:"):
         parse_selection(args.select)
     out = _check_out_dir(args, "runs/calibrate", (args.data_path,))
     with Progress() as p:
-        p.stage("loading model and data")
-        lm = _load(args)
-        data = load_split(args.data_path, lm.pre, args.holdout, "holdout" if args.holdout else "all",
-                          args.split_seed)
+        lm, data = _load_with_holdout(args, p)
         if lm.meta.get("gates"):  # a gated checkpoint: its gates are calibrated to --target (no training)
             from instaprune.method.gates import GatePlan
             from instaprune.pipeline.gated import recalibrate_gates
