@@ -196,7 +196,8 @@ def test_python_api_raises_instaprune_errors(world):
     bad = [
         lambda: CalibrationConfig(target="0.5"), lambda: CalibrationConfig(thresholds="max"),
         lambda: CalibrationConfig(search_images=2.5), lambda: TrainConfig(epochs=None),
-        lambda: TrainConfig(decay={"lam": 1}), lambda: TrainConfig(lr=math.nan), lambda: ThresholdConfig(min_keep="a"),
+        lambda: TrainConfig(decay={"bogus": 1}), lambda: TrainConfig(decay="l1l2"), lambda: TrainConfig(lr=math.nan),
+        lambda: ThresholdConfig(min_keep="a"),
         lambda: FeatureDecayConfig(lam=[1]), lambda: PruneAwareConfig(scale_bounds=(1,)),
         lambda: PosthocSchedule(prune_aware_epochs="3"), lambda: Preprocessing(input_size=10**9),
         lambda: Plan.from_dict("nope"), lambda: Plan.from_dict({"format": "instaprune-plan", "version": 2}),

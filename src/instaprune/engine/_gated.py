@@ -51,7 +51,7 @@ from torch import fx, nn
 from instaprune.core.errors import ConfigError, ModelError
 from instaprune.engine._graph import check_equal, rewrite
 from instaprune.engine._kernels import COST, fold_bn
-from instaprune.engine._modules import FoldedConv2d, apply_activation
+from instaprune.engine._modules import EngineKnobs, FoldedConv2d, apply_activation
 from instaprune.method.gates import GATES_ATTR, GateConfig, GatePlan, GateReport, GateSite, find_gates
 
 __all__ = ["GATE_STRATEGIES", "GatedConv2d", "GatedEngine", "build_gated", "site_costs"]
@@ -609,9 +609,12 @@ def _to_full(x: torch.Tensor, gate: _Gate, mult: torch.Tensor | None) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------- the model
-class GatedEngine(nn.Module):
+class GatedEngine(EngineKnobs, nn.Module):
     """The executable gated model (eval only: forward runs under ``torch.inference_mode``). The same
     accounting interface as :class:`instaprune.engine.dynamic.DynamicModel`."""
+
+    _STRATEGIES = GATE_STRATEGIES
+    _STRATEGY_LABEL = "gate strategy"
 
     def __init__(self, net: nn.Module, ctx: GateContext, gates: dict[str, _Gate], report: GateReport,
                  dense_macs: int, method: str, channels_last: bool | None) -> None:
@@ -684,24 +687,8 @@ class GatedEngine(nn.Module):
     def tuning(self) -> bool:
         return False
 
-    @property
-    def tune(self) -> bool:
-        return self._ctx.tune
-
-    @tune.setter
-    def tune(self, value: bool) -> None:
-        self._ctx.tune = bool(value)
-
-    @property
-    def strategy(self) -> str:
-        return self._ctx.strategy
-
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        value = "grouped" if value == "padded" else value
-        if value not in GATE_STRATEGIES:
-            raise ConfigError(f"gate strategy must be one of {', '.join(GATE_STRATEGIES)}, got {value!r}")
-        self._ctx.strategy = value
+    def _strategy_alias(self, value: str) -> str:
+        return "grouped" if value == "padded" else value
 
     @property
     def scale(self) -> float:
@@ -721,17 +708,6 @@ class GatedEngine(nn.Module):
             masks = {n: torch.as_tensor(m).to(torch.bool).cpu() for n, m in masks.items()}
         self._ctx.forced_masks = masks
 
-    @property
-    def record(self) -> bool:
-        return self._ctx.record
-
-    @record.setter
-    def record(self, value: bool) -> None:
-        self._ctx.record = bool(value)
-
-    @property
-    def records(self) -> dict[str, dict[str, Any]]:
-        return self._ctx.records
 
     # ------------------------------------------------------------ accounting
     def last_masks(self) -> dict[str, torch.Tensor]:

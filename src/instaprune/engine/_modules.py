@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instaprune.core.errors import ConfigError
 from instaprune.engine._kernels import COST, MaskStats, SparseInputConv2d, choose_strategy, strategy_costs
 from instaprune.engine._kernels_impl import greedy_buckets
 from instaprune.engine._saliency import channel_norms, threshold_keep
 from instaprune.method.thresholds import ThresholdConfig
 
-__all__ = ["ENGINE_STRATEGIES", "EngineContext", "FoldedConv2d", "DynamicConv2d", "threshold_keep",
+__all__ = ["ENGINE_STRATEGIES", "EngineContext", "EngineKnobs", "FoldedConv2d", "DynamicConv2d", "threshold_keep",
            "executed_slots", "apply_activation", "channel_norms"]
 
 ENGINE_STRATEGIES = ("auto", "dense", "loop", "padded", "union", "bucket")
@@ -401,3 +402,50 @@ def executed_slots(strategy: str, keep: np.ndarray, groups: int) -> int:
         return n * int((cnt > 0).sum(1).max()) * int(cnt.max())
     u = keep.any(0).reshape(groups, c // groups).sum(1)  # union (shared index) and bucket fallback
     return n * int((u > 0).sum()) * int(u.max())
+
+
+class EngineKnobs:
+    """The run-time knobs both engines (post-hoc :class:`~instaprune.engine.dynamic.DynamicModel`, gated
+    ``GatedEngine``) expose, kept in their context ``self._ctx``: ``tune``, ``strategy`` (checked against
+    ``_STRATEGIES``), ``record`` and ``records``."""
+
+    _STRATEGIES: tuple[str, ...] = ()
+    _STRATEGY_LABEL = "strategy"
+    _ctx: Any
+
+    @property
+    def tune(self) -> bool:
+        """Let ``auto`` time its candidates on the first calls of each batched regime (default True)."""
+        return self._ctx.tune
+
+    @tune.setter
+    def tune(self, value: bool) -> None:
+        self._ctx.tune = bool(value)
+
+    @property
+    def strategy(self) -> str:
+        return self._ctx.strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        value = self._strategy_alias(value)
+        if value not in self._STRATEGIES:
+            raise ConfigError(f"{self._STRATEGY_LABEL} must be one of {', '.join(self._STRATEGIES)}, got {value!r}")
+        self._ctx.strategy = value
+
+    def _strategy_alias(self, value: str) -> str:
+        return value
+
+    @property
+    def record(self) -> bool:
+        """Keep each layer's selection details of the last forward in ``records``."""
+        return self._ctx.record
+
+    @record.setter
+    def record(self, value: bool) -> None:
+        self._ctx.record = bool(value)
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        return self._ctx.records
+

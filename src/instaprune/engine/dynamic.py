@@ -40,7 +40,14 @@ from instaprune.engine._gated import GATE_STRATEGIES, GatedEngine, build_gated
 from instaprune.engine._graph import check_equal, rewrite
 from instaprune.engine._kernels import SparseInputConv2d, fold_bn
 from instaprune.engine._linear import DynamicLinear
-from instaprune.engine._modules import ENGINE_STRATEGIES, DynamicConv2d, EngineContext, FoldedConv2d, executed_slots
+from instaprune.engine._modules import (
+    ENGINE_STRATEGIES,
+    DynamicConv2d,
+    EngineContext,
+    EngineKnobs,
+    FoldedConv2d,
+    executed_slots,
+)
 from instaprune.method.flops import flops_reduction
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport, find_prune_points
@@ -58,8 +65,10 @@ _LAYOUT_TRIES = 3  # timed dense batch-1 calls per layout when a new input shape
 _LAYOUT_MARGIN = 1.5
 
 
-class DynamicModel(nn.Module):
+class DynamicModel(EngineKnobs, nn.Module):
     """The executable dynamic model (eval only: forward runs under ``torch.inference_mode``)."""
+
+    _STRATEGIES = ENGINE_STRATEGIES
 
     def __init__(self, net: nn.Module, ctx: EngineContext, points: PointReport, taus: dict[str, float],
                  original: nn.Module, method: str, channels_last: bool | None) -> None:
@@ -144,25 +153,6 @@ class DynamicModel(nn.Module):
         return calls
 
     @property
-    def tune(self) -> bool:
-        """Let ``auto`` time its candidates on the first calls of each batched regime (default True)."""
-        return self._ctx.tune
-
-    @tune.setter
-    def tune(self, value: bool) -> None:
-        self._ctx.tune = bool(value)
-
-    @property
-    def strategy(self) -> str:
-        return self._ctx.strategy
-
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        if value not in ENGINE_STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(ENGINE_STRATEGIES)}, got {value!r}")
-        self._ctx.strategy = value
-
-    @property
     def forced(self) -> dict[str, torch.Tensor] | None:
         """Masks (point -> bool (N, C)) that override the thresholds, as ``MaskedModel.forced``."""
         return self._ctx.forced
@@ -174,19 +164,6 @@ class DynamicModel(nn.Module):
             if missing:
                 raise ConfigError(f"forced masks missing for point(s): {', '.join(missing[:5])}")
         self._ctx.forced = masks
-
-    @property
-    def record(self) -> bool:
-        """Keep each point's saliencies, thresholds and masks of the last forward in ``records``."""
-        return self._ctx.record
-
-    @record.setter
-    def record(self, value: bool) -> None:
-        self._ctx.record = bool(value)
-
-    @property
-    def records(self) -> dict[str, dict[str, Any]]:
-        return self._ctx.records
 
     # ---------------------------------------------------------------- accounting
     def last_masks(self) -> dict[str, torch.Tensor]:

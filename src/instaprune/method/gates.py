@@ -347,11 +347,19 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+class _GateBank(nn.ModuleDict):
+    """The predictors of a model's gates. Its forward is the identity, so a model whose forward calls every child
+    in turn (an ``nn.Sequential``) passes its output through unchanged; the gates call each predictor by name."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
 def attach_predictors(model: nn.Module, gates: GateReport, cfg: GateConfig) -> nn.ModuleDict:
     """Add one predictor per gate to ``model`` under :data:`GATES_ATTR` (replacing any there): the predictors
     are then part of the model's parameters and state dict (saved and loaded with its weights)."""
-    bank = nn.ModuleDict({_key(s.name): GatePredictor(s.in_channels, s.channels, cfg.predictor, cfg.reduction)
-                          for s in gates})
+    bank = _GateBank({_key(s.name): GatePredictor(s.in_channels, s.channels, cfg.predictor, cfg.reduction)
+                      for s in gates})
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     bank.to(dev)
     setattr(model, GATES_ATTR, bank)
