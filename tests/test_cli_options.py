@@ -212,7 +212,7 @@ def test_stratified_seeded_sample():
 
 def test_long_command_logs_progress_into_a_file(tmp_path, tiny_folder):
     log = tmp_path / "stderr.txt"
-    env = {**os.environ, "INSTAPRUNE_PROGRESS_SECONDS": "0.3", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "INSTAPRUNE_PROGRESS_SECONDS": "0.05", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, "-m", "instaprune", "train", "--model", "tiny_resnet", "--data-path",
                             str(tiny_folder), "--epochs", "6", "-b", "4", "--output-dir", str(tmp_path / "run")],
