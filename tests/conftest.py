@@ -32,3 +32,49 @@ def tiny_cnn() -> torch.nn.Module:
         nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 24, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
     ).eval()
+
+
+def assert_clean_error(code, err, *needles):
+    """The CLI's bad-input contract: exit 2, one line on stderr starting ``instaprune: error:``, no traceback."""
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("instaprune: error:") and "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """An ImageFolder of 3 classes x 12 random 32x32 PNGs."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(12):
+            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def random_channel_masks(units, n: int, keep, gen: torch.Generator, floor) -> dict[str, torch.Tensor]:
+    """Per-image keep masks for ``units`` ((name, channels) pairs): ``floor`` (only ``floor(C)`` kept), a ratio
+    (the same count for every image), ``mixed`` (a count drawn per image from [floor, all]) or 1.0; the channels
+    are drawn independently per image."""
+    out = {}
+    for name, c in units:
+        lo = floor(c)
+        if keep == "floor":
+            ks = [lo] * n
+        elif keep == "mixed":
+            ks = torch.randint(lo, c + 1, (n,), generator=gen).tolist()
+        else:
+            ks = [max(lo, round(float(keep) * c))] * n
+        m = torch.zeros(n, c, dtype=torch.bool)
+        for i, k in enumerate(ks):
+            m[i, torch.randperm(c, generator=gen)[:k]] = True
+        out[name] = m
+    return out
+

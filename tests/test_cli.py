@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import CIFAR_TEST, RESNET20, require_shared
+from conftest import CIFAR_TEST, RESNET20, assert_clean_error, require_shared
 from instaprune.cli.main import main
 
 
@@ -19,27 +18,6 @@ def run(args, capsys):
     out, err = capsys.readouterr()
     return code, out, err
 
-
-def assert_clean_error(code, err, *needles):
-    assert code == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("instaprune: error:")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for c in range(3):
-        (root / f"class{c}").mkdir()
-        for i in range(12):
-            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 def test_help_and_module_entry_point():

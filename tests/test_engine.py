@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import random_channel_masks
 from instaprune.core.errors import ConfigError, PlanMismatchError
 from instaprune.engine.dynamic import ENGINE_STRATEGIES, DynamicModel, fold_dense, to_dynamic
 from instaprune.method.flops import dynamic_macs
@@ -67,22 +68,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 def random_masks(rep: PointReport, n: int, keep: str | float,
                  gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per-instance masks: ``floor`` (only the floor kept), a ratio, ``mixed`` (ratio drawn per instance from
-    [floor, all]) or 1.0 (nothing pruned); channels drawn independently per instance."""
-    out = {}
-    for p in rep.points:
-        c, lo = p.channels, CFG.floor(p.channels)
-        if keep == "floor":
-            ks = [lo] * n
-        elif keep == "mixed":
-            ks = torch.randint(lo, c + 1, (n,), generator=gen).tolist()
-        else:
-            ks = [max(lo, round(float(keep) * c))] * n
-        m = torch.zeros(n, c, dtype=torch.bool)
-        for i, k in enumerate(ks):
-            m[i, torch.randperm(c, generator=gen)[:k]] = True
-        out[p.name] = m
-    return out
+    """Per-instance masks at every point (``conftest.random_channel_masks`` with the threshold floor)."""
+    return random_channel_masks([(p.name, p.channels) for p in rep.points], n, keep, gen, CFG.floor)
 
 
 # ---------------------------------------------------------------- (a) masks forced from the reference

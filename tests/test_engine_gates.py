@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import random_channel_masks
 from instaprune.core.errors import ConfigError, ModelError
 from instaprune.engine._gated import GATE_STRATEGIES, GatedEngine
 from instaprune.engine.dynamic import to_dynamic
@@ -111,22 +112,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def forced_masks(gates, n: int, keep, gen: torch.Generator, cfg: GateConfig) -> dict[str, torch.Tensor]:
-    """Per-image masks: ``floor`` (only the floor), a ratio (the same count for every image, as top-k),
-    ``mixed`` (a count drawn per image: threshold budgets) or 1.0; channels drawn independently per image."""
-    out = {}
-    for s in gates:
-        c, lo = s.channels, cfg.floor(s.channels)
-        if keep == "floor":
-            ks = [lo] * n
-        elif keep == "mixed":
-            ks = torch.randint(lo, c + 1, (n,), generator=gen).tolist()
-        else:
-            ks = [max(lo, round(float(keep) * c))] * n
-        m = torch.zeros(n, c, dtype=torch.bool)
-        for i, k in enumerate(ks):
-            m[i, torch.randperm(c, generator=gen)[:k]] = True
-        out[s.name] = m
-    return out
+    """Per-image masks for every gate (``conftest.random_channel_masks`` with the gate floor)."""
+    return random_channel_masks([(s.name, s.channels) for s in gates], n, keep, gen, cfg.floor)
 
 
 def run_forced(engine: GatedEngine, ref, masks, x):
