@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import random_channel_masks
+from conftest import random_channel_masks, randomize_bn
 from instaprune.core.errors import ConfigError, PlanMismatchError
 from instaprune.engine.dynamic import ENGINE_STRATEGIES, DynamicModel, fold_dense, to_dynamic
 from instaprune.method.flops import dynamic_macs
@@ -29,18 +29,6 @@ CFG = ThresholdConfig("max", 0.05)
 def _one_thread():
     torch.set_num_threads(1)
     yield
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Eval mode with random running statistics and affine parameters, so BN folding is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model.eval()
 
 
 _CACHE: dict[str, tuple[nn.Module, PointReport, int]] = {}

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import random_channel_masks
+from conftest import random_channel_masks, randomize_bn
 from instaprune.core.errors import ConfigError, ModelError
 from instaprune.engine._gated import GATE_STRATEGIES, GatedEngine
 from instaprune.engine.dynamic import to_dynamic
@@ -39,13 +39,8 @@ def _one_thread():
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Eval mode, random BN statistics (folding is really tested) and random predictors whose gate values are
     positive and differ per image (near 1, so ``value`` gates keep the activations' scale)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     bank = getattr(model, GATES_ATTR, None)
     if bank is not None:
         for m in bank.modules():
