@@ -12,12 +12,22 @@ its result file exists. Its cost (wall and CPU seconds, summed over attempts) is
 ``COST_POLL_S`` while it runs, so an attempt killed with a session still counts. A stage whose output directory
 another live process writes (its ``--output-dir`` on that process's command line) is busy and not started twice.
 On success the stage's step checkpoints are deleted: they only serve resuming and are never committed.
+
+**Stage files** (:func:`load_metrics`, :func:`load_cost`, :func:`load_failed`, :func:`load_plan`,
+:func:`load_benchmark`, :func:`load_history`): every ``metrics.json``, ``cost.json``, ``failed.json``,
+``plan.json``, ``benchmark.json`` and ``metrics.jsonl`` a runner reads goes through one loader per format, which
+checks the fields the runners read (types through the library's :func:`~instaprune.core.config.convert_value`,
+finite numbers, ranges) and raises :class:`StageFileError` naming the file, the field and what was expected. A
+script's ``main`` wrapped in :func:`one_line_errors` prints that as one line on stderr and exits with code 2
+(never a traceback).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,10 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instaprune.core.config import convert_value
+from instaprune.core.errors import ConfigError, DataError, InstapruneError
 from instaprune.core.io import atomic_write_json
 
 __all__ = ["ROOT", "git", "run_meta", "Stage", "stage_command", "recorded_args", "run_stage", "cost_of",
-           "run_lanes", "busy_dirs", "is_busy", "COST_POLL_S"]
+           "run_lanes", "busy_dirs", "is_busy", "COST_POLL_S", "StageFileError", "Field", "METRICS_FIELDS",
+           "COST_FIELDS", "FAILED_FIELDS", "BENCHMARK_FIELDS", "PLAN_FIELDS", "HISTORY_FIELDS", "load_metrics",
+           "load_cost", "load_failed", "load_benchmark", "load_history", "load_plan", "one_line_errors"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_SCRIPT = Path(__file__).resolve().parent / "cifar10_study.py"  # script stages run ``cifar10_study.py ...``
@@ -115,7 +129,12 @@ def stage_command(s: Stage) -> list[str]:
 
 def recorded_args(out: Path) -> list[str]:
     """The arguments a finished stage in ``out`` ran with (from its cost.json), without its ``--output-dir``."""
-    cmd = json.loads((out / "cost.json").read_text())["command"]
+    cost = load_cost(out / "cost.json", ("command",))
+    if cost is None:
+        raise StageFileError(f"{out / 'cost.json'}: not found (the stage's record of its command)")
+    cmd = cost["command"]
+    if not cmd or "--output-dir" not in cmd:
+        raise StageFileError(f"{out / 'cost.json'}: field 'command': expected a command with --output-dir, got {cmd}")
     head = 1 if cmd[0].endswith(".py") else 2  # "<script>.py ..." or "-m instaprune ..."
     return cmd[head:cmd.index("--output-dir")]
 
@@ -128,8 +147,8 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     s.out.mkdir(parents=True, exist_ok=True)
     cost = s.out / "cost.json"
-    old = json.loads(cost.read_text()) if cost.is_file() else {}
-    prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds", 0.0)
+    old = load_cost(cost) or {}
+    prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds") or 0.0
     def record(seconds: float, cpu: float, **extra: object) -> dict:
         # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
         rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
@@ -163,16 +182,17 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
 
 def cost_of(s: Stage) -> float | None:
     """Wall seconds of a stage: the runner's record, else ``/usr/bin/time`` output beside it, else training's."""
-    if (s.out / "cost.json").is_file():
-        return float(json.loads((s.out / "cost.json").read_text())["seconds"])
+    cost = load_cost(s.out / "cost.json")
+    if cost is not None:
+        return float(cost["seconds"])
     tf = s.out.parent / f"{s.out.name}.time"  # /usr/bin/time -o of stages run by hand
     if tf.is_file() and tf.read_text().strip():
         try:
             return float(tf.read_text().split()[0])
         except ValueError:
             pass
-    if (s.out / "metrics.json").is_file():  # a training's own record: its phases and its final calibration
-        m = json.loads((s.out / "metrics.json").read_text())
+    m = load_metrics(s.out / "metrics.json")
+    if m is not None:  # a training's own record: its phases and its final calibration
         if m.get("seconds") is None:
             return None
         phases = [h.get("seconds") or 0.0 for h in m.get("prune_aware_history") or []]
@@ -219,3 +239,232 @@ def run_lanes(build: Callable[[], tuple[object, list[Stage]]], workdir: Path, la
                 running.pop(f)
                 f.result()
     return True
+
+
+# ------------------------------------------------------------------------------------------------ stage files
+class StageFileError(DataError):
+    """A stage file is unreadable, not JSON, or lacks / mistypes a field the runners read."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a field of a stage file must be: ``kind`` ``number`` / ``integer`` (finite, in [lo, hi]), ``string``,
+    ``strings`` (a list of strings), ``bool``, ``mapping``, ``records`` (a list of mappings) or ``value`` (of the
+    annotation ``tp``, described as ``what``); ``null`` allows JSON null; ``of``: the fields of the mapping (of
+    each mapping of the records), ``require`` the ones of them that must be there."""
+
+    kind: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    null: bool = False
+    of: dict[str, Field] | None = None
+    require: tuple[str, ...] = ()
+    tp: Any = None
+    what: str = ""
+
+    @property
+    def expected(self) -> str:
+        what = self.what or {"number": "a number", "integer": "an integer", "string": "a string",
+                             "strings": "a list of strings", "bool": "true or false", "mapping": "a mapping",
+                             "records": "a list of mappings"}[self.kind]
+        if self.lo > -math.inf and self.hi < math.inf:
+            what += f" in [{self.lo:g}, {self.hi:g}]"
+        elif self.lo > -math.inf:
+            what += f" >= {self.lo:g}"
+        elif self.hi < math.inf:
+            what += f" <= {self.hi:g}"
+        elif self.kind == "number":
+            what = "a finite number"
+        return what + (" or null" if self.null else "")
+
+    def check(self, value: Any, name: str) -> None:
+        """Raise :class:`ConfigError` ``field '<name>': expected ..., got ...`` unless ``value`` fits."""
+        where = f"field '{name}'"
+        if value is None and self.null:
+            return
+        tp = self.tp if self.kind == "value" else {
+            "number": float, "integer": int, "string": str, "strings": tuple[str, ...], "bool": bool, "mapping": dict,
+            "records": tuple[dict, ...]}[self.kind]
+        try:
+            v = convert_value(value, tp, where)
+            ok = not isinstance(v, (int, float)) or isinstance(v, bool) or self.lo <= v <= self.hi
+        except (ConfigError, OverflowError):  # OverflowError: an integer too large for a float
+            ok = False
+        if not ok:
+            got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ConfigError(f"{where}: expected {self.expected}, got {got}")
+        if self.of is not None:
+            for i, item in enumerate([value] if self.kind == "mapping" else value):
+                check_fields(item, self.of, self.require, name if self.kind == "mapping" else f"{name}[{i}]")
+
+
+def check_fields(d: dict, fields: dict[str, Field], require: Sequence[str] = (), prefix: str = "") -> None:
+    """Check every field of ``fields`` that ``d`` has (fields not listed are not read, so not checked); the
+    ``require`` ones must be there and not null."""
+    for k in require:
+        if d.get(k) is None:
+            what = fields[k].expected.removesuffix(" or null")
+            raise ConfigError(f"field '{prefix + '.' if prefix else ''}{k}' is missing (expected {what})")
+    for k, f in fields.items():
+        if k in d:
+            f.check(d[k], f"{prefix}.{k}" if prefix else k)
+
+
+FRACTION = Field("number", 0.0, 1.0)
+SECONDS = Field("number", 0.0, null=True)
+#: the fields of a stage's metrics.json (training, evaluation, static stage) that the runners read
+METRICS_FIELDS: dict[str, Field] = {
+    "top1": FRACTION, "dense_top1": FRACTION, "val_top1": Field("number", 0.0, 1.0, null=True),
+    "flops_reduction": Field("number", hi=1.0), "flops_reduction_p10": Field("number", hi=1.0, null=True),
+    "flops_reduction_p90": Field("number", hi=1.0, null=True), "dense_macs": Field("number", 0.0, null=True),
+    "per_image_flops_p90_over_p10": Field("number", 0.0, null=True), "seconds": SECONDS,
+    "calibration": Field("mapping", null=True, of={"top1": Field("number", 0.0, 1.0, null=True),
+                                                   "seconds": SECONDS}),
+    "prune_aware_history": Field("records", null=True, of={"seconds": SECONDS}),
+}
+#: cost.json (written by :func:`run_stage`; a few early ones by hand, with a ``note``)
+COST_FIELDS: dict[str, Field] = {
+    "seconds": Field("number", 0.0), "cpu_seconds": SECONDS, "cpu_seconds_last_attempt": SECONDS,
+    "threads": Field("integer", 1.0), "command": Field("strings"), "in_progress": Field("bool"),
+}
+#: failed.json: the cost record of the failed attempt, its exit code and log
+FAILED_FIELDS: dict[str, Field] = {**COST_FIELDS, "exit": Field("integer"), "log": Field("string")}
+_MS = Field("number", 0.0)
+#: benchmark.json of a timing stage (``instaprune benchmark``): the rows the study's report reads
+BENCHMARK_FIELDS: dict[str, Field] = {"rows": Field("records", of={
+    "batch": Field("integer", 1.0), "threads": Field("integer", 1.0), "dense_ms": _MS, "dynamic_ms": _MS,
+    "measured_speedup": _MS, "theoretical_speedup": _MS, "efficiency": Field("number"),
+    "dense_latency_ms": Field("mapping", of={"p50": _MS}, require=("p50",)),
+    "dynamic_latency_ms": Field("mapping", of={"p50": _MS, "p90": _MS}, require=("p50", "p90"))},
+    require=("batch", "threads", "dense_ms", "dynamic_ms", "measured_speedup", "theoretical_speedup", "efficiency"))}
+#: the fields of a calibration stage's plan.json that the study reads (its choices, the random selection, plots)
+PLAN_FIELDS: dict[str, Field] = {
+    "points": Field("value", tp=tuple[tuple[str, str, int, int], ...],
+                    what="a list of [name, kind, channels, groups] points"),
+    "taus": Field("value", tp=dict[str, float], what="a mapping of point names to finite numbers"),
+    "cv": Field("value", null=True, tp=dict[str, float | None], what="a mapping of point names to numbers"),
+    "curve": Field("records", null=True, of={"flops_reduction": Field("number", hi=1.0, null=True),
+                                             "top1": Field("number", 0.0, 1.0, null=True)}),
+    "calibration": Field("mapping", null=True, of={
+        "chosen": Field("string", null=True),
+        "results": Field("value", null=True, tp=dict[str, dict], what="a mapping of calibrations")}),
+}
+#: one line (epoch) of a training phase's metrics.jsonl
+HISTORY_FIELDS: dict[str, Field] = {"train_top1": Field("number", 0.0, 1.0, null=True),
+                                    "train_flops_reduction": Field("number", hi=1.0, null=True)}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_bytes())
+    except OSError as e:
+        raise StageFileError(f"{path}: cannot read: {e.strerror or e}") from e
+    except RecursionError as e:
+        raise StageFileError(f"{path}: nested too deeply; expected a JSON object") from e
+    except json.JSONDecodeError as e:
+        raise StageFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); "
+                             "expected a JSON object") from e
+    except ValueError as e:  # not UTF-8, an integer of too many digits
+        raise StageFileError(f"{path}: not valid JSON ({e}); expected a JSON object") from e
+    if not isinstance(d, dict):
+        raise StageFileError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _load(path: Path, fields: dict[str, Field], require: Sequence[str]) -> dict[str, Any] | None:
+    d = _read_json(path)
+    if d is None:
+        return None
+    try:
+        check_fields(d, fields, require)
+    except ConfigError as e:
+        raise StageFileError(f"{path}: {e}") from e
+    return d
+
+
+def load_metrics(path: Path, require: Sequence[str] = ()) -> dict[str, Any] | None:
+    """A stage's ``metrics.json`` (None if absent), its :data:`METRICS_FIELDS` checked; ``require``: fields that
+    must be there (and not null)."""
+    return _load(path, METRICS_FIELDS, require)
+
+
+def load_cost(path: Path, require: Sequence[str] = ("seconds",)) -> dict[str, Any] | None:
+    """A stage's ``cost.json`` (None if absent), its :data:`COST_FIELDS` checked."""
+    return _load(path, COST_FIELDS, require)
+
+
+def load_failed(path: Path) -> dict[str, Any] | None:
+    """A stage's ``failed.json`` (None if absent): the failed attempt's cost record with its ``exit`` and ``log``."""
+    return _load(path, FAILED_FIELDS, ("exit",))
+
+
+def load_benchmark(path: Path) -> dict[str, Any] | None:
+    """A timing stage's ``benchmark.json`` (None if absent), its rows checked (:data:`BENCHMARK_FIELDS`)."""
+    return _load(path, BENCHMARK_FIELDS, ())
+
+
+def load_history(path: Path) -> list[dict[str, Any]]:
+    """The epochs of a training phase's ``metrics.jsonl`` (one JSON object a line; [] if absent), each checked
+    (:data:`HISTORY_FIELDS`); errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StageFileError(f"{path}: cannot read: {e}") from e
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise StageFileError(f"{path}: line {i} is not valid JSON (truncated?); expected a JSON object") from e
+        if not isinstance(d, dict):
+            raise StageFileError(f"{path}: line {i}: expected a JSON object, got {type(d).__name__}")
+        try:
+            check_fields(d, HISTORY_FIELDS)
+        except ConfigError as e:
+            raise StageFileError(f"{path}: line {i}: {e}") from e
+        out.append(d)
+    return out
+
+
+def load_plan(path: Path, require: Sequence[str] = (), chosen: bool = False) -> dict[str, Any] | None:
+    """A calibration stage's ``plan.json`` (None if absent), its :data:`PLAN_FIELDS` checked (the library checks
+    the whole plan when a command loads it); ``chosen``: ``calibration`` must name the chosen calibration, whose
+    holdout ``top1`` the study's choices read."""
+    d = _load(path, PLAN_FIELDS, (*require, "calibration") if chosen else require)
+    if d is None or not chosen:
+        return d
+    cal = d["calibration"]
+    c, results = cal.get("chosen"), cal.get("results") or {}
+    if c not in results:
+        raise StageFileError(f"{path}: field 'calibration.chosen': expected the name of one of "
+                             f"'calibration.results' ({', '.join(results) or 'none'}), got {c!r}")
+    try:
+        FRACTION.check(results[c].get("top1"), f"calibration.results.{c}.top1")
+    except ConfigError as e:
+        raise StageFileError(f"{path}: {e}") from e
+    return d
+
+
+def one_line_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a script's ``main``: an instaprune error (a bad stage file, ...) is printed as one line on
+    stderr, ``<prog>: error: <message>``, and ``main`` returns 2."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except InstapruneError as e:
+                print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+                return 2
+        return run
+    return wrap

@@ -71,7 +71,22 @@ from typing import Any
 
 import numpy as np
 
-from _common import ROOT, Stage, busy_dirs, cost_of, is_busy, run_lanes, run_meta
+from _common import (
+    ROOT,
+    Stage,
+    busy_dirs,
+    cost_of,
+    is_busy,
+    load_benchmark,
+    load_cost,
+    load_failed,
+    load_history,
+    load_metrics,
+    load_plan,
+    one_line_errors,
+    run_lanes,
+    run_meta,
+)
 
 TARGETS = (0.3, 0.45, 0.6, 0.7)
 CHOICE_TARGET = 0.6
@@ -132,9 +147,9 @@ CHOICE_POINTS = (0.3, 0.45, 0.6)
 def _holdout_top1(plan_json: Path) -> float | None:
     """The choice score of a calibration: mean holdout top-1 at ``CHOICE_POINTS`` on its curve (points outside the
     curve's range take its nearest end); without a curve, the top-1 of the chosen calibration."""
-    if not plan_json.is_file():
+    plan = load_plan(plan_json)
+    if plan is None:
         return None
-    plan = json.loads(plan_json.read_text())
     curve = sorted((float(c["flops_reduction"]), float(c["top1"])) for c in plan.get("curve") or []
                    if c.get("flops_reduction") is not None and c.get("top1") is not None)
     if len(curve) >= 2:
@@ -148,9 +163,10 @@ def _holdout_top1(plan_json: Path) -> float | None:
 def _top1_at_target(plan_json: Path) -> float | None:
     """Holdout top-1 of the chosen calibration at its target: the score of choices that involve the prune-aware
     phase (its model was trained for that one target, so the curve's other points say little)."""
-    if not plan_json.is_file():
+    plan = load_plan(plan_json, chosen=True)
+    if plan is None:
         return None
-    cal = json.loads(plan_json.read_text())["calibration"]
+    cal = plan["calibration"]
     return float(cal["results"][cal["chosen"]]["top1"])
 
 
@@ -200,9 +216,9 @@ def _select_args(model: str, work: Path, cfg: str, mode: str, sel: str, t: float
         return ["--select", f"topk:{max(1, round(CV_FRACTION * n_points))}"]
     # rand: as many random points as the CV selection chose at this target (seeded by model and target)
     cv_plan = work / model / f"{prefix}{cfg}{sfx(mode, 'cv')}_{t}" / "plan.json"
-    if not cv_plan.is_file():
+    p = load_plan(cv_plan, ("taus", "points"))
+    if p is None:
         return None
-    p = json.loads(cv_plan.read_text())
     names = sorted(p["taus"])
     every = [q[0] for q in p["points"]]
     pick = sorted(random.Random(f"{model}-{t}").sample(every, len(names)))
@@ -408,10 +424,6 @@ PEERS = {
 }
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95% interval of mean(a) - mean(b) over images resampled with replacement (a, b: per-image 0/1)."""
     rng = np.random.default_rng(seed)
@@ -454,7 +466,7 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
     measured = []
     for t in TARGETS:
         ev = work / f"ev_{cfg}_{t}"
-        m = _load(ev / "metrics.json")
+        m = load_metrics(ev / "metrics.json", ("flops_reduction", "top1", "dense_top1"))
         if m is None:
             continue
         per = np.load(ev / "per_image.npz") if (ev / "per_image.npz").is_file() else None
@@ -487,7 +499,7 @@ def method_rows(work: Path, method: str, cfg: str, base_correct: np.ndarray | No
 
 def _latency(bench: Path) -> dict[str, Any]:
     """Latency fields of a row from its ``instaprune benchmark`` output (engine vs the fastest dense model)."""
-    b = _load(bench)
+    b = load_benchmark(bench)
     out: dict[str, Any] = {}
     for r in (b or {}).get("rows", []):
         key = f"b{r['batch']}_t{r['threads']}"
@@ -505,8 +517,8 @@ def write_report(model: str, work_root: Path, plan: list, ch: Any, results: Path
 
     results.mkdir(parents=True, exist_ok=True)
     work = work_root / model
-    dense = _load(work / "ev_dense" / "metrics.json")
-    unadapted = _load(work / "ev_unadapted" / "metrics.json")
+    dense = load_metrics(work / "ev_dense" / "metrics.json", ("dense_top1",))
+    unadapted = load_metrics(work / "ev_unadapted" / "metrics.json", ("dense_top1",))
     base_per = np.load(work / "ev_dense" / "per_image.npz") if (work / "ev_dense" / "per_image.npz").is_file() \
         else None
     base_correct = base_per["dense_correct"] if base_per is not None else None
@@ -581,7 +593,7 @@ def _plot_instances(work: Path, tag: str, png: Path, model: str) -> None:
     """Per-image FLOPs histogram, keep ratio against confidence and correctness (method at 60%), CV per point."""
     ev = work / f"ev_{tag}_0.6"
     flops, conf, corr = (_per_image(ev, k) for k in ("flops", "confidence", "correct"))
-    plan = _load(work / f"{tag if tag.startswith('pa_') else 'cal_' + tag}_0.6" / "plan.json")
+    plan = load_plan(work / f"{tag if tag.startswith('pa_') else 'cal_' + tag}_0.6" / "plan.json")
     if flops is None or conf is None or corr is None:
         return
     import matplotlib
@@ -641,11 +653,10 @@ def method_diagnosis(work: Path, tag: str, t: float) -> dict[str, Any] | None:
     """Why a method row lands where it does: the prune-aware phase's train top-1 per epoch (under the masks), the
     dense vs masked test top-1 of the final weights, and the MACs-weighted keep ratio of the residual-stream
     inputs (``*.conv1`` of CIFAR ResNet blocks), the block-internal inputs (``*.conv2``) and the classifier."""
-    m = _load(work / f"ev_{tag}_{t}" / "metrics.json")
+    m = load_metrics(work / f"ev_{tag}_{t}" / "metrics.json", ("dense_top1", "top1", "flops_reduction"))
     if m is None:
         return None
-    hist = work / f"{tag}_{t}" / "prune_aware" / "metrics.jsonl"
-    epochs = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()] if hist.is_file() else []
+    epochs = load_history(work / f"{tag}_{t}" / "prune_aware" / "metrics.jsonl")
     pts = _point_table(work / f"ev_{tag}_{t}" / "report.md")
 
     def keep(pred) -> float | None:
@@ -793,8 +804,7 @@ def _plot(rows: list[dict], png: Path, model: str) -> None:
 
 
 def _cost(s) -> float | None:
-    for f in (s.out / "cost.json", s.out / "metrics.json"):
-        m = _load(f)
+    for m in (load_cost(s.out / "cost.json"), load_metrics(s.out / "metrics.json")):
         if m and m.get("seconds") is not None:
             return float(m["seconds"])
     return None
@@ -802,7 +812,7 @@ def _cost(s) -> float | None:
 
 def _cpu(s) -> float | None:
     """CPU seconds of a stage (the runner's record; stages resumed after a restart add up their attempts)."""
-    m = _load(s.out / "cost.json")
+    m = load_cost(s.out / "cost.json")
     if not m:
         return None
     v = m.get("cpu_seconds", m.get("cpu_seconds_last_attempt"))
@@ -903,6 +913,7 @@ def static_stage(a: argparse.Namespace, lr: float, pa_lr: float) -> int:
     return 0
 
 
+@one_line_errors("cifar10_study")  # a corrupt stage file: one line on stderr, exit 2
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=("run", "status", "report", "static-stage"))
@@ -959,9 +970,10 @@ def main(argv: list[str] | None = None) -> int:
         busy = busy_dirs()
         for s in plan:
             c = cost_of(s)
-            state = "done" if s.done() else ("busy" if is_busy(s.out, busy) else
-                                             "FAIL" if (s.out / "failed.json").is_file() else "todo")
-            print(f"{state:4}  {s.name:40} {'' if c is None else f'{c:8.0f} s'}")
+            failed = load_failed(s.out / "failed.json")
+            state = "done" if s.done() else ("busy" if is_busy(s.out, busy) else "FAIL" if failed else "todo")
+            print(f"{state:4}  {s.name:40} {'' if c is None else f'{c:8.0f} s'}"
+                  + (f"  (exit {failed['exit']})" if state == "FAIL" else ""))
         print(f"choices so far (mean holdout top-1 at {CHOICE_POINTS} FLOPs reduction, calibrations to "
               f"{CHOICE_TARGET:.0%}): {json.dumps(ch.__dict__)}")
         return 0
