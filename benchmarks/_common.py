@@ -366,7 +366,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except RecursionError as e:
         raise StageFileError(f"{path}: nested too deeply; expected a JSON object") from e
     except json.JSONDecodeError as e:
-        raise StageFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?); "
+        raise StageFileError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; truncated?); "
                              "expected a JSON object") from e
     except ValueError as e:  # not UTF-8, an integer of too many digits
         raise StageFileError(f"{path}: not valid JSON ({e}); expected a JSON object") from e
