@@ -128,3 +128,41 @@ def test_sync_bn_is_refused_on_cpu_unless_bn_is_frozen():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ConfigError, match="SyncBatchNorm does not run on CPU"):
         wrap_ddp(model, DistEnv(rank=0, world_size=2, backend="gloo"), sync_bn=True)
+
+
+def test_gated_training_under_torchrun_equals_one_process(tmp_path):
+    """Gated training (warm-up fit, ramp, distillation, saliency fit term, running thresholds, calibration) is
+    DDP-safe: 2 processes with batch 8 give the weights, predictors and plan of 1 process with batch 16. The fit
+    target's scale and the running thresholds' quantile are taken over the global batch (all ranks); threshold
+    selection exercises both (top-k uses the same fit term and no quantile)."""
+    selection = "threshold"
+    import json
+
+    from instaprune.cli.main import main
+    from test_resume_faults import write_image_folder
+
+    data = write_image_folder(tmp_path / "images")
+    common = ["--model", "tiny_resnet", "--data-path", str(data), "--epochs", "2", "--lr", "0.02", "--freeze-bn",
+              "--seed", "1", "--holdout", "32", "--gates", "--gate-selection", selection, "--gate-decay", "0.1",
+              "--gate-warmup-batches", "2", "--gate-ramp", "0.5", "--distill", "0.5", "--target", "0.4"]
+    r = torchrun(2, "-m", "instaprune", "train", *common, "-b", "8", "--output-dir", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *common, "-b", "16", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    load = lambda d: torch.load(tmp_path / d / "model.pt", weights_only=True)["model"]  # noqa: E731
+    a, b = load("one"), load("ddp")
+    assert any("instaprune_gates" in k for k in a)  # the predictors are part of the compared weights
+    assert max_diff(a, b) <= 2e-4  # float reduction order over 16 steps (a wrong batch or scale gives > 1e-2)
+    pa, pb = (json.loads((tmp_path / d / "plan.json").read_text())["gates"] for d in ("one", "ddp"))
+    assert pa["keep"] == pb["keep"]
+    assert pa["taus"].keys() == pb["taus"].keys() and (selection == "topk") == (not pa["taus"])
+    for n, t in pa["taus"].items():
+        assert abs(t - pb["taus"][n]) <= 1e-3 * max(abs(t), 1e-6), n
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "ddp"))
+    assert mb["world_size"] == 2 and ma["world_size"] == 1
+    for ra, rb in zip(ma["history"], mb["history"], strict=True):  # train top-1 under the masks, all-reduced
+        assert ra["train_top1"] == rb["train_top1"] and abs(ra["train_loss"] - rb["train_loss"]) <= 1e-4

@@ -239,19 +239,33 @@ def test_plan_without_predictors_is_refused():
         GatedModel(model, gates)
 
 
-def test_warmup_fit_lowers_the_fit_loss():
+def _warmed(multiplier: str) -> tuple[nn.Module, list[float], dict[str, torch.Tensor]]:
     model = _model("resnet20")
     gates = find_gates(model, torch.zeros(1, 3, 32, 32))
-    cfg = GateConfig()
+    cfg = GateConfig(multiplier=multiplier)
     attach_predictors(model, gates, cfg)
     gated = GatedModel(model, gates, cfg)
     torch.manual_seed(0)
     batches = [(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)) for _ in range(4)]
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(GATES_ATTR)}
-    losses = fit_predictors(gated, batches, epochs=5, lr=0.05)
+    return model, fit_predictors(gated, batches, epochs=5, lr=0.05), before
+
+
+@pytest.mark.parametrize("multiplier", ["hard", "value"])
+def test_warmup_fit_lowers_the_fit_loss(multiplier):
+    model, losses, before = _warmed(multiplier)
     assert losses[-1] < 0.5 * losses[0]
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # the network stayed frozen
+
+
+def test_warmup_fits_the_dense_network_whatever_the_multiplier():
+    """The warm-up fits each predictor to the *dense* network's saliency: a ``value`` multiplier does not scale T
+    by the predictions being fitted (it compounded over depth and overflowed to NaN on ResNet-56)."""
+    (m_hard, l_hard, _), (m_value, l_value, _) = _warmed("hard"), _warmed("value")
+    assert l_value == pytest.approx(l_hard, rel=1e-6)
+    for k, v in m_hard.state_dict().items():
+        torch.testing.assert_close(m_value.state_dict()[k], v)
 
 
 def test_ramp_opens_then_reaches_the_budget():

@@ -43,6 +43,8 @@ __all__ = [
     "all_reduce_sum",
     "any_rank",
     "gather_objects",
+    "global_mean",
+    "gather_cat",
     "shard_dataset",
     "barrier",
     "maybe_no_sync",
@@ -230,6 +232,32 @@ def any_rank(flag: bool, env: DistEnv | None = None) -> bool:
     if not env.distributed:
         return bool(flag)
     return all_reduce_sum([1.0 if flag else 0.0], env)[0] > 0
+
+
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over every rank's copy (the global batch's mean under DDP; ``t.mean()`` for one process).
+    Not differentiable across ranks: for detached statistics such as a fit target's scale. A collective."""
+    if _group_size() == 1:
+        return t.mean()
+    s = torch.stack([t.detach().double().sum(), torch.tensor(float(t.numel()), dtype=torch.float64)])
+    dist.all_reduce(s)
+    return (s[0] / s[1]).to(t.dtype)
+
+
+def gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on each) concatenated along dim 0 in rank order; ``t`` for one process.
+    Detached. A collective: under DDP, batch ``k`` of all ranks is batch ``k`` of one process with the global
+    batch, so a statistic of the result (a quantile) equals the single-process one."""
+    world = _group_size()
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
 
 
 def gather_objects(obj: Any, env: DistEnv | None = None) -> list[Any]:

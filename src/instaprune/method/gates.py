@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instaprune.core.distributed import gather_cat, global_mean
 from instaprune.core.errors import ConfigError, ModelError, PlanMismatchError
 from instaprune.method.flops import layer_macs
 from instaprune.method.masked import MaskedModel
@@ -459,7 +460,8 @@ class GatedModel(nn.Module):
         if self.training and self.running_taus:
             # per-image budgets while training: one running threshold per gate, the batch's quantile of g at the
             # current keep fraction (images above it keep more channels, images below fewer)
-            q = torch.quantile(g.float().flatten(), 1.0 - self.keep[s.name])
+            # (the global batch's quantile under DDP: every rank's g gathered, as one process would see them)
+            q = torch.quantile(gather_cat(g.float()).flatten(), 1.0 - self.keep[s.name])
             self.taus[s.name] = 0.9 * self.taus[s.name] + 0.1 * float(q) if self._tau_seen.get(s.name) else float(q)
             self._tau_seen[s.name] = True
             keep = g > q
@@ -501,7 +503,7 @@ class GatedModel(nn.Module):
                 mult = mult + (gx - gx.detach())
             if training and self.cfg.fit > 0:
                 sal = saliency(x.detach().float())
-                target = sal / sal.mean().clamp_min(1e-12)
+                target = sal / global_mean(sal).clamp_min(1e-12)  # the global batch's mean under DDP
                 self._aux.append(self.cfg.fit * F.mse_loss(g, target) / len(self.gates))
             out = x * mult.view(*mult.shape, 1, 1)
             if training and self.cfg.decay > 0:  # the paper's term on the gated channels: s(T * m) = |m| s(T)
@@ -825,7 +827,9 @@ def fit_predictors(gated: GatedModel, batches: Iterable[tuple[torch.Tensor, torc
     for p in params:
         p.requires_grad_(True)
     cfg = gated.cfg
-    gated.cfg = replace(cfg, fit=max(cfg.fit, 1.0), decay=0.0)
+    # the dense network while fitting: every gate open and kept channels passed unscaled (a ``value`` multiplier
+    # would scale T by the predictions being fitted and compound over depth: ResNet-56 overflowed to NaN)
+    gated.cfg = replace(cfg, fit=max(cfg.fit, 1.0), decay=0.0, multiplier="hard")
     forced = gated.forced
     losses = []
     try:

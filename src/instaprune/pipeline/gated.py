@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from instaprune.core.distributed import current_env
 from instaprune.core.errors import ConfigError
 from instaprune.core.io import atomic_write_json
 from instaprune.data.datasets import ImageSet, iterate_batches
@@ -142,7 +143,9 @@ def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: Gate
                                "static": gplan.static is not None}
     resuming = resume is not None and out is not None and (out / CHECKPOINT_NAME).is_file()
     if schedule.warmup_batches and not resuming:
-        batches = [(x, y) for x, y, _ in iterate_batches(data, train_cfg.batch_size, lm.pre.mean, lm.pre.std)]
+        # every rank fits the same predictors on the same global batches (N processes = 1 with the global batch)
+        wb = train_cfg.batch_size * current_env().world_size
+        batches = [(x, y) for x, y, _ in iterate_batches(data, wb, lm.pre.mean, lm.pre.std)]
         batches = batches[: schedule.warmup_batches]
         metrics["warmup_fit_loss"] = fit_predictors(gated, batches, epochs=1, lr=schedule.warmup_lr)
         log.info("gate warm-up: fit loss %s", metrics["warmup_fit_loss"])
@@ -167,6 +170,7 @@ def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: Gate
                 teacher=teacher, controller=ramp)
     metrics["history"] = res.history
     metrics["train_seconds"] = res.seconds
+    metrics.update(world_size=res.world_size, global_batch=res.global_batch, resumed_from=res.resumed_from)
     plan_g = gplan
     if val is not None:
         plan_g, cal = calibrate_gates(gated, gplan, cached_batches(val, lm.pre), schedule.target)
