@@ -385,3 +385,27 @@ def test_benchmark_plan_runs_a_gated_plan():
         assert r["dense_ms"] > 0 and r["dynamic_ms"] > 0 and r["theoretical_speedup"] > 0
         assert set(r["breakdown_ms"]) == {"saliency", "gather", "conv", "other"}
         assert r["executed_flops_reduction"] <= r["flops_reduction"] + 1e-9
+        assert r["slim_ms"] > 0 and r["ratio_to_slim"] == pytest.approx(r["dynamic_ms"] / r["slim_ms"])
+        assert r["slim_variant"] in ("eager_nchw", "eager_cl", "folded_nchw", "folded_cl")
+
+
+def test_slim_of_plan_has_the_gated_models_mean_macs():
+    """The yardstick of a (threshold) gated plan: every gate slimmed to its mean kept fraction over the inputs,
+    so the slim model's MACs equal the reference's mean per-image MACs (up to rounding k per gate)."""
+    from instaprune.engine.bench import slim_of_plan
+    from instaprune.method.flops import layer_macs
+    from instaprune.method.gates import gated_from_plan
+
+    cfg = GateConfig(selection="threshold", multiplier="hard")
+    model, gates, points, plan = gated_setup("resnet20", 32, cfg, tau=0.9)
+    x = torch.randn(6, 3, 32, 32)
+    slim, keep = slim_of_plan(model, plan, x)
+    ref = gated_from_plan(model, gates, plan.gates)
+    with torch.no_grad():
+        ref(x)
+    mean_macs = float(ref.instance_macs().mean())
+    ref.remove()
+    assert set(keep) == set(gates.names()) and all(0 < k <= 1 for k in keep.values())
+    assert min(keep.values()) < 1  # the plan really closes channels
+    slim_macs = sum(layer_macs(slim, x[:1]).values())
+    assert abs(slim_macs - mean_macs) <= 0.02 * mean_macs

@@ -38,7 +38,7 @@ from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
 
 __all__ = ["CLOCKS", "clock_for", "time_alternating", "dense_models", "dense_candidates", "breakdown",
-           "per_call_latency", "machine", "benchmark_plan", "slim_gates"]
+           "per_call_latency", "machine", "benchmark_plan", "slim_gates", "slim_of_plan"]
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 _CONV_OPS = ("conv", "addmm", "aten::mm", "aten::bmm", "embedding_bag", "aten::linear", "aten::matmul")
@@ -241,6 +241,12 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
         raise ConfigError(f"pairs must be >= 1, got {pairs}")
     engine = to_dynamic(model, points, plan)
     dense = dense_models(model, points)
+    slim: dict[str, Callable[[torch.Tensor], Any]] = {}
+    if plan is not None and plan.gates is not None:  # the yardstick of a gated plan: the same MACs, slimmed
+        from instaprune.method.points import find_prune_points
+
+        sm, _ = slim_of_plan(model, plan, inputs)
+        slim = dense_models(sm, find_prune_points(sm, inputs[:1]))
     rows = []
     for t in threads:
         for b in batch_sizes:
@@ -252,12 +258,20 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
             row: dict[str, Any] = {"batch": b, "threads": t, "dense_variant": best,
                                    "clock": clock_for(t, clock),
                                    "dense_candidates_ms": {k: statistics.median(v) for k, v in pick.items()}}
+            sbest = None
+            if slim:
+                spick = time_alternating({k: (lambda f=f, x=first: f(x)) for k, f in slim.items()}, 2, t, clock)
+                sbest = min(spick, key=lambda k: statistics.median(spick[k]))
+                row["slim_variant"] = sbest
             if b == 1:
                 images = [inputs[i:i + 1] for i in range(min(max_images, inputs.shape[0]))]
                 engine.warmup(images[0])  # the batch-1 layout is chosen before any timing
-                lat = per_call_latency({"dense": dense[best], "dynamic": engine}, images, t, clock)
+                fns1 = {"dense": dense[best], "dynamic": engine, **({"slim": slim[sbest]} if sbest else {})}
+                lat = per_call_latency(fns1, images, t, clock)
                 row.update(dense_latency_ms=lat["dense"], dynamic_latency_ms=lat["dynamic"],
                            dense_ms=lat["dense"]["mean"], dynamic_ms=lat["dynamic"]["mean"])
+                if sbest:
+                    row.update(slim_latency_ms=lat["slim"], slim_ms=lat["slim"]["mean"])
                 summaries = []
                 for x in images:
                     engine(x)
@@ -265,9 +279,10 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
             else:
                 engine.warmup(first)  # auto's tuning settles before any timing
                 fns = {"dense": lambda f=dense[best], x=first: f(x), "dynamic": lambda x=first: engine(x)}
+                if sbest:
+                    fns["slim"] = lambda f=slim[sbest], x=first: f(x)
                 tm = time_alternating(fns, pairs, t, clock)
-                row.update(dense_ms=statistics.median(tm["dense"]),
-                           dynamic_ms=statistics.median(tm["dynamic"]))
+                row.update({f"{k}_ms": statistics.median(v) for k, v in tm.items()})
                 engine(first)
                 summaries = [engine.summary()]
             for key in ("theoretical_speedup", "flops_reduction", "executed_flops_reduction"):
@@ -275,10 +290,35 @@ def benchmark_plan(model: nn.Module, points: PointReport, plan: Plan | None, inp
             row["strategies"] = summaries[-1]["strategies"]
             row["measured_speedup"] = row["dense_ms"] / row["dynamic_ms"]
             row["efficiency"] = row["measured_speedup"] / row["theoretical_speedup"]
+            if sbest:  # the physical limit: how close the engine comes to the slimmed model of the same MACs
+                row["slim_speedup"] = row["dense_ms"] / row["slim_ms"]
+                row["ratio_to_slim"] = row["dynamic_ms"] / row["slim_ms"]
             frac = breakdown(engine, first, reps=1)
             row["breakdown_ms"] = {k: v * row["dynamic_ms"] for k, v in frac.items()}
             rows.append(row)
     return rows
+
+
+@torch.inference_mode()
+def slim_of_plan(model: nn.Module, plan: Plan, inputs: torch.Tensor, chunk: int = 64) -> tuple[nn.Module, dict]:
+    """The physical limit of a gated ``plan`` on ``inputs``: :func:`slim_gates` with every gate at its mean kept
+    fraction over ``inputs`` (the reference gated model's own predictions: per-image budgets of threshold plans
+    averaged). Returns the slim model and the fractions."""
+    from instaprune.method.gates import find_gates, gated_from_plan
+
+    if plan.gates is None:
+        raise ConfigError("slim_of_plan needs a gated plan")
+    ref = gated_from_plan(model.eval(), find_gates(model, inputs[:1]), plan.gates)
+    kept = {s.name: 0.0 for s in ref.gates}
+    try:
+        for x in inputs.split(chunk):
+            ref(x)
+            for s in ref.gates:
+                kept[s.name] += float(ref.active[s.name].float().sum())
+    finally:
+        ref.remove()
+    keep = {s.name: kept[s.name] / (inputs.shape[0] * s.channels) for s in ref.gates}
+    return slim_gates(model, ref.gates, keep, plan.gates.config.min_keep), keep
 
 
 def slim_gates(model: nn.Module, gates: Any, keep: dict[str, float], min_keep: float = 0.05) -> nn.Module:
