@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import ROOT, Stage, run_lanes, run_meta
+from _common import ROOT, Stage, load_cost, load_failed, load_metrics, one_line_errors, run_lanes, run_meta
 
 WORK = Path("results") / "study2"  # relative to the repository root (run from there): no machine paths recorded
 FIRST = Path("results") / "study"
@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "static": ["--distill", "0.5"],  # L1 filter pruning, slimmed, the same help (distillation) as the gates
     "static_gates": ["--gates", "--distill", "0.5", "--static-target", "half"],  # section 10: half static
     "gates_value": ["--gates", "--distill", "0.5", "--gate-multiplier", "value"],
+    # the two options that each helped on the holdout (section 10's half static, value multiplier), together
+    "static_gates_value": ["--gates", "--distill", "0.5", "--gate-multiplier", "value", "--static-target", "half"],
     "gates_thr": ["--gates", "--distill", "0.5", "--gate-selection", "threshold"],  # per-image budgets
     "gates_bneck": ["--gates", "--distill", "0.5", "--gate-predictor", "bottleneck"],
     "gates_ste": ["--gates", "--distill", "0.5", "--gate-multiplier", "ste"],
@@ -62,7 +64,7 @@ def adapted(model: str) -> str:
 
 
 def baseline_top1(model: str) -> float | None:
-    m = _load(FIRST / model / "ev_dense" / "metrics.json")
+    m = load_metrics(FIRST / model / "ev_dense" / "metrics.json", ("dense_top1",))
     return None if m is None else float(m["dense_top1"])
 
 
@@ -86,7 +88,7 @@ def train_args(model: str, variant: str, target: float, budget: str) -> list[str
 
 
 def holdout_top1(work: Path, name: str) -> float | None:
-    m = _load(work / name / "metrics.json")
+    m = load_metrics(work / name / "metrics.json")
     if m is None:
         return None
     return (m.get("calibration") or {}).get("top1", m.get("val_top1"))
@@ -133,8 +135,85 @@ def stages(model: str, work: Path) -> list[Stage]:
 
 def status(model: str, work: Path) -> None:
     for s in stages(model, work):
-        state = "done" if s.done() else ("failed" if (s.out / "failed.json").is_file() else "todo")
+        state = "done" if s.done() else ("failed" if load_failed(s.out / "failed.json") else "todo")
         print(f"{s.name:40s} {state}")
+
+
+# ----------------------------------------------------------------------------------------------- latency
+def _weights(out: Path) -> Path | None:
+    for name in ("model.safetensors", "model.pt"):
+        if (out / name).is_file():
+            return out / name
+    return None
+
+
+def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
+    """Latency at 1 thread of every trained row beside the dense adapted baseline and the row's physical limit,
+    in one run: batch 1 over ``images`` stratified test images (dense, row, slim alternating per image; means and
+    p50/p90) and batch 32 (``pairs`` alternating rounds of torch.utils.benchmark, medians). Gated rows run the
+    fast engine on their calibrated plan with their own predictions; their ``slim`` is the statically slimmed
+    model of the same mean MACs (``engine.bench.slim_of_plan``); static rows *are* slim (their row time)."""
+    import statistics
+
+    import torch
+
+    from instaprune.core.io import atomic_write_json
+    from instaprune.data.datasets import iterate_batches
+    from instaprune.engine.bench import dense_models, per_call_latency, slim_of_plan, time_alternating
+    from instaprune.engine.dynamic import to_dynamic
+    from instaprune.method.plan import Plan
+    from instaprune.method.points import find_prune_points
+    from instaprune.pipeline.stages import load_model, load_split
+
+    torch.set_num_threads(1)
+    w = work / model
+    base = load_model(model, adapted(model))
+    test = load_split(TEST_DATA, base.pre, images, "holdout", 0)  # a stratified, seeded sample of the test split
+    x = next(iterate_batches(test, len(test), base.pre.mean, base.pre.std))[0]
+    ones, b32 = [x[i:i + 1] for i in range(len(x))], x[:32]
+
+    def fastest(m: torch.nn.Module) -> tuple[str, Any]:
+        forms = dense_models(m, find_prune_points(m, x[:1]))
+        t = time_alternating({k: (lambda f=f: f(b32)) for k, f in forms.items()}, 2, 1)
+        best = min(t, key=lambda k: statistics.median(t[k]))
+        return best, forms[best]
+
+    dense_form, dense = fastest(base.model)
+    out_rows = []
+    for variant, target, budget in dict.fromkeys(rows(model, work)):
+        name = tag(variant, target, budget)
+        ckpt = _weights(w / name)
+        if load_metrics(w / name / "metrics.json") is None or ckpt is None:
+            continue
+        lm = load_model(model, ckpt)
+        lm.model.eval()
+        fns: dict[str, Any] = {"dense": dense}
+        row: dict[str, Any] = {"variant": variant, "target": target, "budget": budget, "dense_form": dense_form}
+        if variant in STATIC:
+            row["row_form"], fns["row"] = fastest(lm.model)
+        else:
+            plan = Plan.load(w / name / "plan.json")
+            engine = to_dynamic(lm.model, find_prune_points(lm.model, x[:1]), plan)
+            engine.warmup(ones[0])
+            fns["row"] = engine
+            slim, keep = slim_of_plan(lm.model, plan, x)
+            row["slim_form"], fns["slim"] = fastest(slim)
+            row["slim_mean_keep"] = statistics.fmean(keep.values())
+        lat = per_call_latency(fns, ones, 1)
+        for k, v in lat.items():
+            row[f"b1_{k}_ms"], row[f"b1_{k}_p90_ms"] = v["mean"], v["p90"]
+        if variant not in STATIC:
+            engine.warmup(b32)
+        t = time_alternating({k: (lambda f=f: f(b32)) for k, f in fns.items()}, pairs, 1)
+        row.update({f"b32_{k}_ms": statistics.median(v) for k, v in t.items()})
+        for b in ("b1", "b32"):
+            row[f"{b}_speedup"] = row[f"{b}_dense_ms"] / row[f"{b}_row_ms"]
+            if "slim" in fns:
+                row[f"{b}_ratio_to_slim"] = row[f"{b}_row_ms"] / row[f"{b}_slim_ms"]
+        out_rows.append(row)
+    meta = run_meta("cifar10_gates.py", ["latency", "--model", model, "--images", str(images), "--pairs",
+                                         str(pairs)], model=model, threads=1)
+    return atomic_write_json(w / "latency.json", {"meta": meta, "rows": out_rows})
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -145,7 +224,8 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     table = []
     for variant, target, budget in dict.fromkeys(rows(model, work)):
         name = tag(variant, target, budget)
-        tr, ev = _load(w / name / "metrics.json"), _load(w / f"ev_{name}" / "metrics.json")
+        tr = load_metrics(w / name / "metrics.json")
+        ev = load_metrics(w / f"ev_{name}" / "metrics.json", ("dense_top1",))
         if tr is None or ev is None:
             continue
         per = w / f"ev_{name}" / "per_image.npz"
@@ -195,6 +275,28 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
+    lat = _load(w / "latency.json")  # this script's own latency run (python benchmarks/cifar10_gates.py latency)
+    if lat is not None:
+        by = {(r["variant"], r["target"], r["budget"]): r for r in lat["rows"]}
+        for r in table:
+            r["latency"] = by.get((r["variant"], r["target"], r["budget"]))
+        lm = lat["meta"]
+        md += ["", f"Latency at 1 thread (`{lm['command']}`, commit {lm.get('commit', '?')[:7]}, torch "
+               f"{lm.get('torch')}, {lm.get('date', '')[:10]}): batch 1 = mean ms per image over the sampled test "
+               "images, batch 32 = median ms per batch; dense = the adapted baseline, slim = the statically slimmed "
+               "model of the row's mean MACs (static rows are slim themselves); every model timed alternating in "
+               "one run.", "",
+               "| row | target | budget | b1 dense | b1 row | b1 slim | b1 speedup | b1 row/slim | b32 dense | "
+               "b32 row | b32 slim | b32 speedup | b32 row/slim |", "|---" * 13 + "|"]
+        for r in table:
+            x = r.get("latency")
+            if x is None:
+                continue
+            md.append(f"| {r['variant']} | {r['target']} | {r['budget']} | {x['b1_dense_ms']:.2f} | "
+                      f"{x['b1_row_ms']:.2f} | {_f(x.get('b1_slim_ms'), 2)} | {x['b1_speedup']:.2f}x | "
+                      f"{_f(x.get('b1_ratio_to_slim'), 2)} | {x['b32_dense_ms']:.2f} | {x['b32_row_ms']:.2f} | "
+                      f"{_f(x.get('b32_slim_ms'), 2)} | {x['b32_speedup']:.2f}x | "
+                      f"{_f(x.get('b32_ratio_to_slim'), 2)} |")
     path = atomic_write_text(results / f"cifar10_gates_{model}.md", "\n".join(md) + "\n")
     _plot(table, results / f"cifar10_gates_{model}.png", model, meta["baseline_top1"])
     return path
@@ -229,6 +331,15 @@ def goals(results: Path = Path("results")) -> list[str]:
                     lines.append(f"| {model} | {target:.0%} {budget}: within 1.0 point of the adapted baseline "
                                  f"({base:.4f}) | {best['variant']}: {gap:+.2f} points | "
                                  f"{'yes' if gap >= -1.0 else 'no'} |")
+        timed = [r for r in d["rows"] if r.get("latency") and r["variant"] not in STATIC]
+        if timed:
+            r = max(timed, key=lambda r: r["latency"]["b1_speedup"])
+            x = r["latency"]
+            lines.append(f"| {model} | latency of every gated row at batch 1 and 32 (1 thread) beside dense and "
+                         f"slim | {len(timed)} gated rows timed; fastest {r['variant']} {r['target']}: "
+                         f"{x['b1_speedup']:.2f}x "
+                         f"(b1), {x['b32_speedup']:.2f}x (b32) vs dense; slim {x['b1_dense_ms'] / x['b1_slim_ms']:.2f}x"
+                         f" / {x['b32_dense_ms'] / x['b32_slim_ms']:.2f}x | reported |")
         spread = [r for r in d["rows"] if (r.get("per_image_flops_p90_over_p10") or 1.0) > 1.0]
         if spread:
             r = max(spread, key=lambda r: r["per_image_flops_p90_over_p10"])
@@ -246,15 +357,15 @@ def _f(v: float | None, nd: int = 4) -> str:
 def _cost(out: Path) -> float | None:
     """Wall seconds: the runner's record, unless it stopped recording mid-run (its runner was restarted while the
     stage went on: ``in_progress``), then the stage's own ``metrics.json``."""
-    c = _load(out / "cost.json")
+    c = load_cost(out / "cost.json")
     if c is not None and not c.get("in_progress"):
         return float(c["seconds"])
-    m = _load(out / "metrics.json")
+    m = load_metrics(out / "metrics.json")
     return None if m is None else m.get("seconds")
 
 
 def _cpu(out: Path) -> float | None:
-    c = _load(out / "cost.json")
+    c = load_cost(out / "cost.json")
     if c is None or c.get("in_progress") or c.get("cpu_seconds") is None:
         return None  # not recorded to the end
     return float(c["cpu_seconds"])
@@ -285,9 +396,10 @@ def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
     plt.close(fig)
 
 
+@one_line_errors("cifar10_gates")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("run", "status", "report"))
+    ap.add_argument("action", choices=("run", "status", "report", "latency"))
     ap.add_argument("--model", choices=("resnet20", "resnet56"), required=True)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--lanes", type=int, default=2)
@@ -295,11 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run only stages whose name starts with one of these "
                     "(comma-separated)")
     ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--images", type=int, default=200, help="latency: batch-1 test images")
+    ap.add_argument("--pairs", type=int, default=7, help="latency: alternating rounds at batch 32")
     a = ap.parse_args(argv)
     if Path.cwd().resolve() != ROOT:
         raise SystemExit(f"cifar10_gates: run from the repository root ({ROOT})")
     if a.action == "status":
         status(a.model, a.work)
+        return 0
+    if a.action == "latency":
+        print(latency(a.model, a.work, a.images, a.pairs))
         return 0
     if a.action == "report":
         from cifar10_study import write_results_md  # RESULTS.md opens with study 2 (this script's tables)
