@@ -324,6 +324,54 @@ def test_gated_training_saves_reloads_and_plans_round_trip(tiny_data, tmp_path, 
         assert torch.equal(a.instance_macs(), b.instance_macs())
 
 
+@pytest.mark.parametrize("static", [0.0, 0.2])
+def test_slim_gated_off_removes_never_kept_channels_exactly(tiny_data, tmp_path, static):
+    """Section 10's gated static part: channels no image keeps are removed physically (producer filters, BN,
+    consumer inputs, predictor rows; composed with an L1 static part when there is one); top-k keeps the same k,
+    so outputs and per-image MACs are unchanged on the images measured, and the checkpoint reloads."""
+    from instaprune.method.gates import gated_from_plan
+    from instaprune.pipeline.gated import channel_usage, slim_gated_off
+    from instaprune.pipeline.stages import cached_batches
+
+    data, pre = tiny_data
+    lm = _lm(pre)
+    sched = GateSchedule(target=0.4, ramp=0.5, warmup_batches=2, static_target=static)
+    plan, _ = train_gated(lm, data, data, GateConfig(), sched, TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=1),
+                          None, resume=None)
+    name = plan.gates.sites[0].name
+    fc = getattr(lm.model, GATES_ATTR)[name.replace(".", "__")].fc
+    with torch.no_grad():  # two channels this predictor never opens
+        fc.weight[:2] = 0
+        fc.bias[:2] = -1
+    x0 = torch.zeros(1, 3, 16, 16)
+    calib = cached_batches(data, pre)
+    ref = gated_from_plan(lm.model.eval(), find_gates(lm.model, x0), plan.gates)
+    with torch.no_grad():
+        want = [(ref(x), ref.instance_macs()) for x, _ in calib]
+    usage = channel_usage(ref, calib)
+    ref.remove()
+    assert float(usage[name][:2].max()) == 0
+    never = sum(int((u == 0).sum()) for u in usage.values())
+    u = min(float(v[v > 0].min()) for v in usage.values())  # below every channel some image keeps
+    new_plan, info = slim_gated_off(lm, plan.gates, calib, None, usage=u / 2)
+    assert info["removed"][name] >= 2 and sum(info["removed"].values()) == never
+    assert new_plan.static is not None and new_plan.static["flops_reduction"] > (plan.gates.static or {}).get(
+        "flops_reduction", 0.0)
+    g = gated_from_plan(lm.model, find_gates(lm.model, x0), new_plan)
+    with torch.no_grad():
+        for (x, _), (y, macs) in zip(calib, want, strict=True):
+            torch.testing.assert_close(g(x), y)
+            torch.testing.assert_close(g.instance_macs(), macs)
+    g.remove()
+    meta = {"model_name": "tiny_resnet", "num_classes": 10, "preprocessing": pre.to_dict(),
+            "gates": new_plan.to_dict()}
+    save_checkpoint(tmp_path / "model.pt", lm.model, meta)
+    back = load_model("tiny_resnet", tmp_path / "model.pt")
+    gb = gated_from_plan(back.model, find_gates(back.model, x0), new_plan)
+    with torch.no_grad():
+        torch.testing.assert_close(gb(calib[0][0]), want[0][0])
+
+
 def test_resumed_gated_run_reaches_identical_weights(tiny_data, tmp_path):
     data, pre = tiny_data
     cfg = GateConfig(multiplier="ste")

@@ -320,7 +320,7 @@ def _gate_configs(args: argparse.Namespace):
     gcfg = GateConfig(selection=args.gate_selection, multiplier=args.gate_multiplier, predictor=args.gate_predictor,
                       min_keep=args.min_keep, fit=args.gate_fit, decay=args.gate_decay)
     schedule = GateSchedule(target=args.target, ramp=args.gate_ramp, warmup_batches=args.gate_warmup_batches,
-                            allocation=args.gate_allocation,
+                            allocation=args.gate_allocation, slim_off=args.gate_slim_off,
                             static_target=args.static_target, include=tuple(args.include) if args.include else None,
                             exclude=tuple(args.exclude))
     return gcfg, schedule

@@ -230,5 +230,7 @@ def gate_opts(p: argparse.ArgumentParser) -> None:
         help="per-gate budgets: uniform, or greedy on the held-out split (kept only if it beats uniform there)")
     add(g, "--static-target", bind=(GateSchedule, "static_target"), help="slim statically (L1 filter pruning) to "
         "this FLOPs reduction first, then gate the rest (0 = off; alone, without --gates: the static baseline)")
+    add(g, "--gate-slim-off", bind=(GateSchedule, "slim_off"), help="after training, remove the channels kept for "
+        "fewer than this fraction of the held-out images (a static part the gates found; needs --holdout; 0 = off)")
     add(g, "--distill", bind=(TrainConfig, "distill"), help="weight of distillation from the dense starting "
         "model, in [0, 1]")
