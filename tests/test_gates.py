@@ -556,6 +556,22 @@ def test_cli_lists_gates_and_recalibrates_a_gated_checkpoint(tiny_data, tmp_path
     assert new.gates is not None and new.target == 0.3
     assert abs(new.calibration["flops_reduction"] - 0.3) <= 0.02
     assert new.gates.keep[plan.gates.sites[0].name] > plan.gates.keep[plan.gates.sites[0].name]
+    # --gate-slim-off: the channels the gates keep for < 60% of the images go; the slim weights are saved with
+    # the plan, and evaluate accepts the pair (fingerprints match) with the same FLOPs as calibrated
+    cal = tmp_path / "slim"
+    assert main(["calibrate", "--model", "tiny_resnet", "--checkpoint", str(tmp_path / "model.pt"), "--data-path",
+                 str(folder), "--target", "0.4", "--gate-slim-off", "0.6", "--output-dir", str(cal)]) == 0
+    sp = Plan.load(cal / "plan.json")
+    removed = sp.calibration["slim_off"]["removed"]
+    assert sp.gates.static is not None and sum(removed.values()) > 0 and sp.calibration["static_flops_reduction"] > 0
+    back = load_model("tiny_resnet", cal / "model.safetensors")
+    widths = {s.name: s.channels for s in find_gates(back.model, torch.zeros(1, 3, 16, 16))}
+    for site in plan.gates.sites:
+        assert widths[site.name] == site.channels - removed.get(site.name, 0)
+    assert main(["evaluate", "--model", "tiny_resnet", "--checkpoint", str(cal / "model.pt"), "--plan",
+                 str(cal / "plan.json"), "--data-path", str(folder), "--output-dir", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert abs(ev["flops_reduction"] - sp.calibration["flops_reduction"]) <= 1e-6
 
 
 def test_cli_refuses_a_gated_plan_on_weights_without_gates_and_leaves_nothing(tmp_path, capsys):

@@ -523,13 +523,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             from instaprune.method.gates import GatePlan
             from instaprune.pipeline.gated import recalibrate_gates
 
-            p.stage("calibrate: gates")
-            plan = recalibrate_gates(lm, GatePlan.from_dict(lm.meta["gates"]), data, ccfg.target, args.batch_size)
+            gplan = GatePlan.from_dict(lm.meta["gates"])
+            if args.gate_slim_off:
+                from instaprune.pipeline.gated import slim_off_plan
+
+                p.stage("calibrate: gates, slimming the channels they do not use")
+                plan = slim_off_plan(lm, gplan, data, ccfg.target, args.gate_slim_off, args.batch_size)
+            else:
+                p.stage("calibrate: gates")
+                plan = recalibrate_gates(lm, gplan, data, ccfg.target, args.batch_size)
             _begin_output(args, out)
+            if args.gate_slim_off:  # the plan belongs to the slim weights: save them with it
+                from instaprune.training.checkpoint import save_checkpoint, save_safetensors
+
+                meta = {**lm.meta, "model_name": args.model, "num_classes": _num_classes(lm.model),
+                        "preprocessing": lm.pre.to_dict(), "gates": plan.gates.to_dict()}
+                save_checkpoint(out / "model.pt", lm.model, meta)
+                save_safetensors(out / "model.safetensors", lm.model, meta)
             plan.save(out / "plan.json")
             c = plan.calibration
             _out(f"plan: {len(plan.gates.sites)} gates ({c['selection']}), calibration top-1 {c['top1']:.4f} at "
-                 f"FLOPs reduction {c['flops_reduction']:.3f} -> {out / 'plan.json'}")
+                 f"FLOPs reduction {c['flops_reduction']:.3f} -> {out / 'plan.json'}"
+                 + (f" (slim weights: {out / 'model.pt'}; static part {c['static_flops_reduction']:.3f})"
+                    if args.gate_slim_off else ""))
             return 0
         points = _points(args, lm)
         p.stage("calibrate: analysing")

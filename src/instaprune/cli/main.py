@@ -26,6 +26,7 @@ from instaprune.cli.options import (
     common_model,
     fn_default,
     gate_opts,
+    gated_calib_opts,
     global_opts,
     points_opts,
     train_opts,
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_model(p)
     points_opts(p)
     calib_opts(p)
+    gated_calib_opts(p)
 
     p = command("evaluate", "evaluate the dense model and, with --plan, the dynamic model")
     common_model(p)

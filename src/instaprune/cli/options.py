@@ -155,6 +155,15 @@ def calib_opts(p: argparse.ArgumentParser) -> None:
         "(changes the weights: calibrate saves them as model.pt beside plan.json)")
 
 
+def gated_calib_opts(p: argparse.ArgumentParser) -> None:
+    from instaprune.pipeline.gated import GateSchedule
+
+    g = p.add_argument_group("gated checkpoints (from train --gates)")
+    add(g, "--gate-slim-off", bind=(GateSchedule, "slim_off"), help="remove the channels the gates keep for fewer "
+        "than this fraction of the calibration images (saves the slim weights as model.pt and model.safetensors "
+        "beside plan.json; top-k keeps its k per image; 0 = off)")
+
+
 def train_opts(p: argparse.ArgumentParser) -> None:
     from instaprune.method.regularizer import PENALTIES, WEIGHTINGS, FeatureDecayConfig
     from instaprune.pipeline.posthoc import PosthocSchedule

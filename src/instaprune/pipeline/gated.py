@@ -44,7 +44,7 @@ from instaprune.pipeline.stages import LoadedModel, cached_batches, discover
 from instaprune.training.loop import CHECKPOINT_NAME, TrainConfig, train
 
 __all__ = ["GateSchedule", "GatedRun", "prepare_gates", "train_gated", "train_static", "calibrate_gates",
-           "recalibrate_gates", "example_input", "channel_usage", "slim_gated_off"]
+           "recalibrate_gates", "example_input", "channel_usage", "slim_gated_off", "slim_off_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,21 @@ def recalibrate_gates(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target:
         new, cal = calibrate_gates(gated, gates, cached_batches(calib, lm.pre, batch_size), target)
     finally:
         gated.remove()
+    points = discover(lm.model, lm.pre)
+    return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
+                target=target, calibration=cal, preprocessing=lm.pre, gates=new,
+                weights=weights_fingerprint(lm.model))
+
+
+def slim_off_plan(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target: float, usage: float,
+                  batch_size: int = 256) -> Plan:
+    """:func:`slim_gated_off` on a trained gated checkpoint (``lm``, its ``gates`` plan) as a complete plan for the
+    slim weights ``lm.model`` now holds (``calibration`` records the static part and what was removed)."""
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"FLOPs target must be in (0, 1), got {target}")
+    new, info = slim_gated_off(lm, gates, cached_batches(calib, lm.pre, batch_size), target, usage)
+    cal = {**info["calibration"], "static_flops_reduction": info["static_flops_reduction"],
+           "slim_off": {k: v for k, v in info.items() if k != "calibration"}}
     points = discover(lm.model, lm.pre)
     return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
                 target=target, calibration=cal, preprocessing=lm.pre, gates=new,
