@@ -117,19 +117,44 @@ def rows(model: str, work: Path) -> list[tuple[str, float, str]]:
     return out
 
 
+#: slim-off (section 10, the gates' own static part): channels kept for fewer than this share of the holdout go
+SLIM_OFF = 0.01
+
+
+def reported(model: str, work: Path) -> list[tuple[str, float, str, str]]:
+    """(variant, target, budget, stage name) of every reported row: the trained rows and their slim-off rows."""
+    out = []
+    for variant, target, budget in dict.fromkeys(rows(model, work)):
+        out.append((variant, target, budget, tag(variant, target, budget)))
+        if variant not in STATIC:
+            out.append((f"{variant}+slimoff", target, budget, f"slimoff_{tag(variant, target, budget)}"))
+    return out
+
+
 def stages(model: str, work: Path) -> list[Stage]:
     w = work / model
     out: list[Stage] = []
     base = baseline_top1(model)
+
+    def evaluate(name: str, run: Stage, gated: bool) -> Stage:
+        ev_args = ["evaluate", "--model", model, "--data-path", TEST_DATA, "--checkpoint", str(run.out / "model.pt")]
+        if gated:
+            ev_args += ["--plan", str(run.out / "plan.json")]
+        if base is not None:
+            ev_args += ["--baseline-top1", str(base)]
+        return Stage(f"ev_{name}", ev_args, w / f"ev_{name}", "metrics.json", [run.name])
+
     for variant, target, budget in rows(model, work):
         name = tag(variant, target, budget)
         tr = Stage(name, train_args(model, variant, target, budget), w / name, "metrics.json")
-        ev_args = ["evaluate", "--model", model, "--data-path", TEST_DATA, "--checkpoint", str(tr.out / "model.pt")]
-        if variant not in STATIC:
-            ev_args += ["--plan", str(tr.out / "plan.json")]
-        if base is not None:
-            ev_args += ["--baseline-top1", str(base)]
-        out += [tr, Stage(f"ev_{name}", ev_args, w / f"ev_{name}", "metrics.json", [name])]
+        out += [tr, evaluate(name, tr, variant not in STATIC)]
+        if variant not in STATIC:  # the trained gates' never-used channels removed (no training): slim-off row
+            so = f"slimoff_{name}"
+            args = ["calibrate", "--model", model, "--checkpoint", str(tr.out / "model.safetensors"), "--data-path",
+                    TRAIN_DATA, "--holdout", str(HOLDOUT), "--target", str(target), "--gate-slim-off", str(SLIM_OFF),
+                    "--output-dir", str(w / so)]
+            st = Stage(so, args, w / so, "plan.json", [name])
+            out += [st, evaluate(so, st, True)]
     return out
 
 
@@ -180,10 +205,10 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
 
     dense_form, dense = fastest(base.model)
     out_rows = []
-    for variant, target, budget in dict.fromkeys(rows(model, work)):
-        name = tag(variant, target, budget)
+    for variant, target, budget, name in reported(model, work):
         ckpt = _weights(w / name)
-        if load_metrics(w / name / "metrics.json") is None or ckpt is None:
+        done = (w / name / "plan.json") if variant.endswith("+slimoff") else (w / name / "metrics.json")
+        if not done.is_file() or ckpt is None:
             continue
         lm = load_model(model, ckpt)
         lm.model.eval()
@@ -222,24 +247,34 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
 
     w = work / model
     table = []
-    for variant, target, budget in dict.fromkeys(rows(model, work)):
-        name = tag(variant, target, budget)
-        tr = load_metrics(w / name / "metrics.json")
+    for variant, target, budget, name in reported(model, work):
         ev = load_metrics(w / f"ev_{name}" / "metrics.json", ("dense_top1",))
-        if tr is None or ev is None:
+        if ev is None:
             continue
+        trained = tag(variant.removesuffix("+slimoff"), target, budget)  # the trained row (a slim-off row's too)
         per = w / f"ev_{name}" / "per_image.npz"
         correct = np.load(per)["correct" if variant not in STATIC else "dense_correct"] if per.is_file() else None
-        red = ev.get("flops_reduction", tr.get("flops_reduction"))
+        if variant.endswith("+slimoff"):  # no training of its own: the trained row's cost plus this stage's
+            plan = json.loads((w / name / "plan.json").read_text())
+            held = plan["calibration"].get("top1")
+            extra = [_cost(w / name), _cpu(w / name)]
+        else:
+            held, extra = holdout_top1(w, name), [0.0, 0.0]
+        cost, cpu = _cost(w / trained), _cpu(w / trained)
         table.append({"variant": variant, "target": target, "budget": budget,
-                      "epochs": BUDGETS[budget][model], "holdout_top1": holdout_top1(w, name),
-                      "top1": ev.get("top1", ev["dense_top1"]), "flops_reduction": red,
+                      "epochs": BUDGETS[budget][model], "holdout_top1": held,
+                      "top1": ev.get("top1", ev["dense_top1"]),
+                      "flops_reduction": ev.get("flops_reduction",
+                                                (load_metrics(w / trained / "metrics.json") or {}).get(
+                                                    "flops_reduction")),
                       "per_image_flops_p90_over_p10": ev.get("per_image_flops_p90_over_p10"),
-                      "cost_seconds": _cost(w / name), "cpu_seconds": _cpu(w / name), "_correct": correct})
+                      "cost_seconds": None if cost is None or extra[0] is None else cost + extra[0],
+                      "cpu_seconds": None if cpu is None or extra[1] is None else cpu + extra[1],
+                      "_correct": correct, "_ev": str(w / f"ev_{name}")})
     base_per = FIRST / model / "ev_dense" / "per_image.npz"  # the adapted baseline's own confidence per image
     base_conf = np.load(base_per)["dense_confidence"] if base_per.is_file() else None
     for r in table:
-        per = w / f"ev_{tag(r['variant'], r['target'], r['budget'])}" / "per_image.npz"
+        per = Path(r["_ev"]) / "per_image.npz"
         if base_conf is not None and per.is_file() and "flops" in np.load(per):
             import torch
 
@@ -257,6 +292,7 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
             r["minus_static"] = {"diff": float(a.mean() - b.mean()), "ci95": [lo, hi]}
     for r in table:
         r.pop("_correct")
+        r.pop("_ev")
     meta = run_meta("cifar10_gates.py", ["report", "--model", model], model=model,
                     baseline_top1=baseline_top1(model), budgets=BUDGETS, lr=LR, weight_decay=WD)
     from instaprune.core.io import atomic_write_json, atomic_write_text
