@@ -151,8 +151,7 @@ def stages(model: str, work: Path) -> list[Stage]:
         if variant not in STATIC:  # the trained gates' never-used channels removed (no training): slim-off row
             so = f"slimoff_{name}"
             args = ["calibrate", "--model", model, "--checkpoint", str(tr.out / "model.safetensors"), "--data-path",
-                    TRAIN_DATA, "--holdout", str(HOLDOUT), "--target", str(target), "--gate-slim-off", str(SLIM_OFF),
-                    "--output-dir", str(w / so)]
+                    TRAIN_DATA, "--holdout", str(HOLDOUT), "--target", str(target), "--gate-slim-off", str(SLIM_OFF)]
             st = Stage(so, args, w / so, "plan.json", [name])
             out += [st, evaluate(so, st, True)]
     return out
