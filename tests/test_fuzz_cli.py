@@ -257,10 +257,6 @@ def test_fuzz_checkpoint(world, capsys, m, kind):
              "--output-dir", out], capsys, out)
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, ValueError), reason=(
-    "known escape: an integer beyond float range reaches math.isfinite in instaprune.core.config.convert_value "
-    "(OverflowError), and one of more than 4300 digits fails json.loads in Plan.load with a ValueError that is "
-    "not a JSONDecodeError; remove this mark once both are refused with one line"))
 @pytest.mark.parametrize("target", ["plan_scale", "plan_digits", "checkpoint_meta"])
 def test_integers_beyond_float_range(world, capsys, target):
     """Huge integers (JSON and pickles keep Python ints exactly) where a number goes."""
@@ -280,6 +276,20 @@ def test_integers_beyond_float_range(world, capsys, target):
         f.write_text(text)
         args += ["--plan", f]
     run_cli(args, capsys, out)
+
+
+def test_negative_running_variance_is_refused(world, capsys):
+    """A BatchNorm variance below zero would give NaN outputs that evaluate scores silently at chance."""
+    obj = torch.load(world["ckpt"], weights_only=True)
+    var = sorted(k for k in obj["model"] if k.endswith("running_var"))[0]
+    obj["model"][var][0] = -0.5
+    torch.save(obj, world["root"] / "negvar.pt")
+    out = _fresh(world["root"])
+    code = main(["evaluate", "--model", "tiny_resnet", "--checkpoint", str(world["root"] / "negvar.pt"),
+                 "--data-path", str(world["data"]), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "negative variances" in err[0] and var in err[0]
+    assert not out.exists()
 
 
 def test_python_api_raises_instaprune_errors(world):

@@ -127,9 +127,14 @@ def convert_value(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
-        if not math.isfinite(value):
+        try:  # a Python int beyond float range (JSON and pickles keep it exactly) overflows here
+            f = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: expected a finite number, got an integer of {len(str(abs(value)))} "
+                              "digits") from None
+        if not math.isfinite(f):
             raise ConfigError(f"{where}: expected a finite number, got {value}")
-        return float(value)
+        return f
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_short(value)}")
@@ -206,8 +211,11 @@ class Preprocessing(ConfigMixin):
     class_names: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        try:
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ConfigError(f"preprocessing: mean and std must be finite numbers ({type(e).__name__})") from None
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
         if len(self.mean) != len(self.std) or not self.mean:
             raise ConfigError(f"preprocessing: mean has {len(self.mean)} values but std has {len(self.std)}")

@@ -192,7 +192,7 @@ class Plan:
             raise PlanMismatchError(f"plan file not found: {path}")
         try:
             d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON syntax, or an int over 4300 digits
             raise PlanMismatchError(f"cannot read plan {path}: {e}") from e
         return cls.from_dict(d, f"plan {path}")
 

@@ -238,6 +238,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         raise CheckpointError(f"checkpoint {p}: tensor {bad[0]!r} holds NaN or infinite values"
                               + (f" (+{len(bad) - 1} more tensors)" if len(bad) > 1 else "")
                               + ": refusing to use these weights")
+    negvar = [k for k in state if k in target and k.endswith("running_var") and k not in misshaped
+              and state[k].is_floating_point() and bool((state[k] < 0).any())]
+    if negvar:  # a variance below zero: BatchNorm would take its square root (NaN outputs, evaluated silently)
+        raise CheckpointError(f"checkpoint {p}: BatchNorm statistic {negvar[0]!r} holds negative variances: "
+                              "refusing to use these weights")
     if missing or unexpected or misshaped:
         parts = []
         if missing:
