@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instaprune.core.errors import ModelError
+
 __all__ = ["Score", "score_batches"]
 
 
@@ -53,6 +55,8 @@ def score_batches(
         out = net(x if device is None else x.to(device))
         if device is not None:
             out = out.to(y.device)
+        if not bool(torch.isfinite(out).all()):  # NaN or overflow: argmax would score chance silently
+            raise ModelError("the network's outputs are not finite (NaN or overflow): its weights are unusable")
         correct += int((out.argmax(1) == y).sum())
         if loss:
             loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))

@@ -49,7 +49,7 @@ from instaprune.core.distributed import (
     shard_dataset,
     wrap_ddp,
 )
-from instaprune.core.errors import CheckpointError, ConfigError
+from instaprune.core.errors import CheckpointError, ConfigError, ModelError
 from instaprune.core.io import atomic_write_text
 from instaprune.data.datasets import ImageSet, iterate_batches, shard_indices
 from instaprune.method.masked import MaskedModel
@@ -315,6 +315,9 @@ class _Trainer:
                     self.controller.step((epoch + (step + 1) / steps) / max(cfg.epochs, 1), env.world_size)
             n = x.shape[0]
             ce_v, reg_v = float(ce.detach()), float(reg.detach())
+            if not math.isfinite(ce_v + reg_v):  # stop at once: NaN weights would train (and checkpoint) for nothing
+                raise ModelError(f"training diverged: the loss is {ce_v + reg_v} at epoch {epoch + 1}, step "
+                                 f"{step + 1} (try a lower --lr)")
             self.sums = [self.sums[0] + ce_v * n, self.sums[1] + reg_v * n,
                          self.sums[2] + float((logits.argmax(1) == y).sum()), self.sums[3] + n]
             self.epoch, self.step = epoch, step + 1
