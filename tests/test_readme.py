@@ -122,6 +122,10 @@ def _check_outputs(argv: list[str], printed: str, sizes: dict[str, int]) -> None
             assert abs(m["flops_reduction"] - float(opts["--static-target"])) < 0.1 and "val_top1" in m
         else:
             assert m["epochs"] == int(opts["--epochs"]) and "val_top1" in m
+    elif cmd == "calibrate" and "--gate-slim-off" in opts:  # a gated checkpoint slimmed: weights + plan
+        plan = _json(out / "plan.json")
+        assert plan["gates"]["static"] is not None and (out / "model.safetensors").is_file()
+        assert plan["calibration"]["static_flops_reduction"] >= 0 and "removed" in plan["calibration"]["slim_off"]
     elif cmd == "calibrate":
         plan = _json(out / "plan.json")
         c = plan["calibration"]
@@ -157,8 +161,8 @@ def _check_outputs(argv: list[str], printed: str, sizes: dict[str, int]) -> None
 
 def test_readme_lists_the_workflow():
     cmds = [shlex.split(c)[1] for c in readme_commands()]
-    assert cmds == ["demo", "train", "evaluate", "train", "points", "evaluate", "train", "calibrate", "evaluate",
-                    "export", "benchmark"]
+    assert cmds == ["demo", "train", "evaluate", "calibrate", "train", "points", "evaluate", "train", "calibrate",
+                    "evaluate", "export", "benchmark"]
 
 
 def _start_demo(argv: list[str], logs: Path) -> subprocess.Popen:
