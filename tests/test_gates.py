@@ -329,8 +329,8 @@ def test_slim_gated_off_removes_never_kept_channels_exactly(tiny_data, tmp_path,
     """Section 10's gated static part: channels no image keeps are removed physically (producer filters, BN,
     consumer inputs, predictor rows; composed with an L1 static part when there is one); top-k keeps the same k,
     so outputs and per-image MACs are unchanged on the images measured, and the checkpoint reloads."""
-    from instaprune.method.gates import gated_from_plan
-    from instaprune.pipeline.gated import channel_usage, slim_gated_off
+    from instaprune.method.gates import channel_usage, gated_from_plan
+    from instaprune.pipeline.gated import slim_gated_off
     from instaprune.pipeline.stages import cached_batches
 
     data, pre = tiny_data

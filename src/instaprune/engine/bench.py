@@ -304,21 +304,16 @@ def slim_of_plan(model: nn.Module, plan: Plan, inputs: torch.Tensor, chunk: int 
     """The physical limit of a gated ``plan`` on ``inputs``: :func:`slim_gates` with every gate at its mean kept
     fraction over ``inputs`` (the reference gated model's own predictions: per-image budgets of threshold plans
     averaged). Returns the slim model and the fractions."""
-    from instaprune.method.gates import find_gates, gated_from_plan
+    from instaprune.method.gates import channel_usage, find_gates, gated_from_plan
 
     if plan.gates is None:
         raise ConfigError("slim_of_plan needs a gated plan")
     ref = gated_from_plan(model.eval(), find_gates(model, inputs[:1]), plan.gates)
-    kept = {s.name: 0.0 for s in ref.gates}
     try:
-        for x in inputs.split(chunk):
-            ref(x)
-            for s in ref.gates:
-                kept[s.name] += float(ref.active[s.name].float().sum())
+        keep = {n: float(u.mean()) for n, u in channel_usage(ref, [(x,) for x in inputs.split(chunk)]).items()}
+        return slim_gates(model, ref.gates, keep, plan.gates.config.min_keep), keep
     finally:
         ref.remove()
-    keep = {s.name: kept[s.name] / (inputs.shape[0] * s.channels) for s in ref.gates}
-    return slim_gates(model, ref.gates, keep, plan.gates.config.min_keep), keep
 
 
 def slim_gates(model: nn.Module, gates: Any, keep: dict[str, float], min_keep: float = 0.05) -> nn.Module:

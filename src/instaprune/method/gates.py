@@ -58,6 +58,7 @@ __all__ = [
     "GateSite",
     "GateReport",
     "find_gates",
+    "channel_usage",
     "GatePredictor",
     "attach_predictors",
     "GatedModel",
@@ -812,6 +813,23 @@ class GateRamp:
         self.step(float(state.get("progress", 0.0)))
         self.gated.taus.update({str(k): float(v) for k, v in state.get("taus", {}).items()})
         self.gated._tau_seen.update({str(k): bool(v) for k, v in state.get("tau_seen", {}).items()})
+
+
+@torch.no_grad()
+def channel_usage(gated: GatedModel, batches: Iterable[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+    """Per gate, the fraction of the images in ``batches`` (``(x, ...)``) that keep each channel (float (C,)):
+    what slim-off removes and what the slim yardstick of a gated plan keeps."""
+    counts: dict[str, torch.Tensor] = {}
+    n = 0
+    gated.eval()
+    for batch in batches:
+        x = batch[0]
+        gated(x)
+        n += x.shape[0]
+        for s in gated.gates:
+            c = gated.masks[s.name].float().sum(0)
+            counts[s.name] = counts[s.name] + c if s.name in counts else c
+    return {k: v / max(n, 1) for k, v in counts.items()}
 
 
 def fit_predictors(gated: GatedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epochs: int = 1,

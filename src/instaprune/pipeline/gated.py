@@ -34,6 +34,7 @@ from instaprune.method.gates import (
     GateRamp,
     allocate_keep,
     attach_predictors,
+    channel_usage,
     find_gates,
     fit_predictors,
     uniform_keep_for_target,
@@ -44,7 +45,7 @@ from instaprune.pipeline.stages import LoadedModel, cached_batches, discover
 from instaprune.training.loop import CHECKPOINT_NAME, TrainConfig, train
 
 __all__ = ["GateSchedule", "GatedRun", "prepare_gates", "train_gated", "train_static", "calibrate_gates",
-           "recalibrate_gates", "example_input", "channel_usage", "slim_gated_off", "slim_off_plan"]
+           "recalibrate_gates", "example_input", "slim_gated_off", "slim_off_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -258,21 +259,6 @@ def slim_off_plan(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target: flo
     return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
                 target=target, calibration=cal, preprocessing=lm.pre, gates=new,
                 weights=weights_fingerprint(lm.model))
-
-
-@torch.no_grad()
-def channel_usage(gated: GatedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per gate, the fraction of the images in ``batches`` that keep each channel (float (C,))."""
-    counts: dict[str, torch.Tensor] = {}
-    n = 0
-    gated.eval()
-    for x, _y in batches:
-        gated(x)
-        n += x.shape[0]
-        for s in gated.gates:
-            c = gated.masks[s.name].float().sum(0)
-            counts[s.name] = counts[s.name] + c if s.name in counts else c
-    return {k: v / max(n, 1) for k, v in counts.items()}
 
 
 def slim_gated_off(lm: LoadedModel, plan: GatePlan, calib: Sequence[tuple[torch.Tensor, torch.Tensor]],
