@@ -24,10 +24,12 @@ class DemoGates:
     """The gated branch's options: ``epochs`` (the baseline branch's total), ``lr`` (cosine), ``distill`` (from
     the pre-trained model), gate options as :class:`GateConfig` / :class:`GateSchedule` name them.
 
-    Measured (``results/demo_variants``, seed 0, 1 thread, target 0.42): test top-1 drop against the baseline
-    branch 2.6 points with threshold selection (per-image budgets, p90/p10 1.20, Spearman(difficulty, FLOPs)
-    +0.19), 2.7 with top-k, 3.9 with distillation 0.5 (its teacher is the 6-epoch pre-trained model, weaker than
-    the baseline branch); the post-hoc rule 3.6 at 1 thread. So: threshold selection, no distillation."""
+    Measured (``results/demo_variants``, seed 0, 1 thread, target 0.42, commit of 2026-12-05): test top-1 drop
+    against the baseline branch 2.48 points with threshold selection (per-image budgets, p90/p10 1.14,
+    Spearman(difficulty, FLOPs) -0.02), 2.14 with top-k, 2.24 / 2.78 with the value multiplier (top-k /
+    threshold); earlier: 3.9 with distillation 0.5 (its teacher is the 6-epoch pre-trained model, weaker than the
+    baseline branch), the post-hoc rule 3.6. So: no distillation; threshold selection, 0.34 points behind top-k in
+    this one seed, for the per-image budgets the demo reports."""
 
     epochs: int = 8
     lr: float = 0.05
