@@ -38,18 +38,21 @@ TARGETS = (0.3, 0.45, 0.6, 0.7, 0.8)
 CHOICE_TARGET = 0.6
 #: the rows' training options, in the order the cores are spent on them (first: the pilot's best setting)
 VARIANTS: dict[str, list[str]] = {
-    "gates": ["--gates", "--distill", "0.5"],  # top-k, hard, linear predictor fitted to the saliency, ramp 0.3
+    # top-k, hard, linear predictor fitted to the saliency, ramp 0.3
+    "gates": ["--gates", "--distill", "0.5", "--gate-multiplier", "hard"],
     "static": ["--distill", "0.5"],  # L1 filter pruning, slimmed, the same help (distillation) as the gates
-    "static_gates": ["--gates", "--distill", "0.5", "--static-target", "half"],  # section 10: half static
+    # section 10: half the target slimmed statically (L1), then gates
+    "static_gates": ["--gates", "--distill", "0.5", "--static-target", "half", "--gate-multiplier", "hard"],
     "gates_value": ["--gates", "--distill", "0.5", "--gate-multiplier", "value"],
     # the two options that each helped on the holdout (section 10's half static, value multiplier), together
     "static_gates_value": ["--gates", "--distill", "0.5", "--gate-multiplier", "value", "--static-target", "half"],
-    "gates_thr": ["--gates", "--distill", "0.5", "--gate-selection", "threshold"],  # per-image budgets
-    "gates_bneck": ["--gates", "--distill", "0.5", "--gate-predictor", "bottleneck"],
+    # per-image budgets
+    "gates_thr": ["--gates", "--distill", "0.5", "--gate-selection", "threshold", "--gate-multiplier", "hard"],
+    "gates_bneck": ["--gates", "--distill", "0.5", "--gate-predictor", "bottleneck", "--gate-multiplier", "hard"],
     "gates_ste": ["--gates", "--distill", "0.5", "--gate-multiplier", "ste"],
-    "gates_decay": ["--gates", "--distill", "0.5", "--gate-decay", "0.5"],
-    "gates_ramp0": ["--gates", "--distill", "0.5", "--gate-ramp", "0"],
-    "gates_nodistill": ["--gates"],
+    "gates_decay": ["--gates", "--distill", "0.5", "--gate-decay", "0.5", "--gate-multiplier", "hard"],
+    "gates_ramp0": ["--gates", "--distill", "0.5", "--gate-ramp", "0", "--gate-multiplier", "hard"],
+    "gates_nodistill": ["--gates", "--gate-multiplier", "hard"],
     "static_nodistill": [],
 }
 STATIC = ("static", "static_nodistill")

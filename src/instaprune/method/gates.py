@@ -93,11 +93,12 @@ class GateConfig:
     ``linear`` | ``bottleneck`` (hidden width ``max(C_in // reduction, 8)``); ``min_keep``: floor per gate;
     ``fit``: weight of the predictor's regression to the saliency of T while training (0 = off);
     ``decay``: lambda of the feature-decay term on the *gated* features (``penalty`` as the regulariser's).
-    Defaults: the pilot's (top-k, hard, linear, fit on) until the CIFAR-10 study picks them (docs/method.md)."""
+    Defaults: ``value`` multiplier as the CIFAR-10 study chose on the ResNet-20 holdout; the rest the pilot's
+    (top-k, linear, fit on) where the study has not separated them (docs/method.md 9.4, 11)."""
 
     keep: float = 0.4
     selection: str = "topk"
-    multiplier: str = "hard"
+    multiplier: str = "value"
     predictor: str = "linear"
     reduction: int = 4
     min_keep: float = 0.05
