@@ -299,6 +299,11 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                     baseline_top1=baseline_top1(model), budgets=BUDGETS, lr=LR, weight_decay=WD)
     from instaprune.core.io import atomic_write_json, atomic_write_text
 
+    lat = _load(w / "latency.json")  # this script's own latency run (python benchmarks/cifar10_gates.py latency)
+    if lat is not None:
+        by = {(r["variant"], r["target"], r["budget"]): r for r in lat["rows"]}
+        for r in table:
+            r["latency"] = by.get((r["variant"], r["target"], r["budget"]))
     atomic_write_json(results / f"cifar10_gates_{model}.json", {"meta": meta, "rows": table})
     md = [f"# CIFAR-10 study 2: {model}, gates vs static (test split; choices on the holdout)", "",
           f"Adapted baseline top-1 {meta['baseline_top1']}; budgets in epochs after it: {BUDGETS['short'][model]} "
@@ -313,11 +318,7 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
-    lat = _load(w / "latency.json")  # this script's own latency run (python benchmarks/cifar10_gates.py latency)
     if lat is not None:
-        by = {(r["variant"], r["target"], r["budget"]): r for r in lat["rows"]}
-        for r in table:
-            r["latency"] = by.get((r["variant"], r["target"], r["budget"]))
         lm = lat["meta"]
         md += ["", f"Latency at 1 thread (`{lm['command']}`, commit {lm.get('commit', '?')[:7]}, torch "
                f"{lm.get('torch')}, {lm.get('date', '')[:10]}): batch 1 = mean ms per image over the sampled test "
