@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,18 @@ import torch
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_TEST = SHARED / "data" / "cifar10-test-jpeg"
 RESNET20 = SHARED / "models" / "resnet20-cifar10.th"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench_module(name: str):
+    """A benchmark module by file path, as ``python benchmarks/<script>.py`` would import it (no sys.path edit;
+    its sibling imports such as ``_common`` resolve once the sibling was loaded this way first)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,18 @@ def torchrun(nproc: int, *args: str, max_restarts: int = 0, **env: str) -> subpr
     return subprocess.run(cmd, env=env_1thread(**env), capture_output=True, text=True, timeout=300)
 
 
+def train_one_process(*args: str) -> None:
+    """``instaprune train ARGS`` in this process at one thread (the reference a torchrun run is compared with)."""
+    from instaprune.cli.main import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -85,14 +97,7 @@ def test_cli_under_torchrun_survives_a_dead_worker(tmp_path):
                  str(tmp_path / "ddp"), max_restarts=1, INSTAPRUNE_FAULT_STEP="7", INSTAPRUNE_FAULT_RANK="1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exitcode: 75" in r.stderr and "resuming from" in r.stderr
-    from instaprune.cli.main import main
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", *common, "-b", "16", "--output-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    train_one_process(*common, "-b", "16", "--output-dir", str(tmp_path / "one"))
     load = lambda d: torch.load(tmp_path / d / "model.pt", weights_only=True)["model"]  # noqa: E731
     # the restarted run equals the same 2-process run without a fault (resuming loses and repeats nothing) ...
     r = torchrun(2, "-m", "instaprune", "train", *common, "-b", "8", "--output-dir", str(tmp_path / "ddp_ref"))
@@ -138,7 +143,6 @@ def test_gated_training_under_torchrun_equals_one_process(tmp_path):
     selection = "threshold"
     import json
 
-    from instaprune.cli.main import main
     from test_resume_faults import write_image_folder
 
     data = write_image_folder(tmp_path / "images")
@@ -147,12 +151,7 @@ def test_gated_training_under_torchrun_equals_one_process(tmp_path):
               "--gate-warmup-batches", "2", "--gate-ramp", "0.5", "--distill", "0.5", "--target", "0.4"]
     r = torchrun(2, "-m", "instaprune", "train", *common, "-b", "8", "--output-dir", str(tmp_path / "ddp"))
     assert r.returncode == 0, r.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", *common, "-b", "16", "--output-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    train_one_process(*common, "-b", "16", "--output-dir", str(tmp_path / "one"))
     load = lambda d: torch.load(tmp_path / d / "model.pt", weights_only=True)["model"]  # noqa: E731
     a, b = load("one"), load("ddp")
     assert any("instaprune_gates" in k for k in a)  # the predictors are part of the compared weights

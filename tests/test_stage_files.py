@@ -3,29 +3,16 @@ benchmark.json or metrics.jsonl gives one line naming the file, the field and wh
 scripts), never a traceback. Tiny: no training, the files are written by hand."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import bench_module
 
-
-def _bench(name: str):
-    """A benchmark module by file path, as ``python benchmarks/<script>.py`` would import it (no sys.path edit)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-common = _bench("_common")
-st = _bench("cifar10_study")
+common = bench_module("_common")
+st = bench_module("cifar10_study")
 StageFileError = common.StageFileError
 
 METRICS = {"model": "resnet20", "images": 10, "dense_top1": 0.9, "top1": 0.85, "flops_reduction": 0.6,

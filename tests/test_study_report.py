@@ -1,30 +1,17 @@
 """The CIFAR-10 study's result logic: paired bootstrap intervals and matched/interpolated rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from conftest import BENCH, bench_module
 from instaprune.evaluation.report import write_markdown
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _bench(name: str):
-    """A benchmark module by file path, as ``python benchmarks/<script>.py`` would import it (no sys.path edit)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-common = _bench("_common")  # cifar10_study imports it as a sibling module
-st = _bench("cifar10_study")
+common = bench_module("_common")  # cifar10_study imports it as a sibling module
+st = bench_module("cifar10_study")
 diagnosis, goals_summary, method_diagnosis = st.diagnosis, st.goals_summary, st.method_diagnosis
 method_rows, paired_bootstrap, per_instance = st.method_rows, st.paired_bootstrap, st.per_instance
 
@@ -252,7 +239,7 @@ def test_weights_manifest_lists_every_committed_weight_file():
     """results/ commits only the weights listed in results/weights.json (safetensors, sha256, command)."""
     import shutil
 
-    w = _bench("weights")
+    w = bench_module("weights")
     if shutil.which("git") is None or not (BENCH.parent / ".git").exists():
         import pytest
 
