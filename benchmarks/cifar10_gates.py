@@ -186,7 +186,7 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
 
     from instaprune.core.io import atomic_write_json
     from instaprune.data.datasets import iterate_batches
-    from instaprune.engine.bench import dense_models, per_call_latency, slim_of_plan, time_alternating
+    from instaprune.engine.bench import dense_models, fastest, per_call_latency, slim_of_plan, time_alternating
     from instaprune.engine.dynamic import to_dynamic
     from instaprune.method.plan import Plan
     from instaprune.method.points import find_prune_points
@@ -199,13 +199,12 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
     x = next(iterate_batches(test, len(test), base.pre.mean, base.pre.std))[0]
     ones, b32 = [x[i:i + 1] for i in range(len(x))], x[:32]
 
-    def fastest(m: torch.nn.Module) -> tuple[str, Any]:
+    def fastest_form(m: torch.nn.Module) -> tuple[str, Any]:
         forms = dense_models(m, find_prune_points(m, x[:1]))
-        t = time_alternating({k: (lambda f=f: f(b32)) for k, f in forms.items()}, 2, 1)
-        best = min(t, key=lambda k: statistics.median(t[k]))
+        best, _ = fastest({k: (lambda f=f: f(b32)) for k, f in forms.items()}, 2, 1)
         return best, forms[best]
 
-    dense_form, dense = fastest(base.model)
+    dense_form, dense = fastest_form(base.model)
     out_rows = []
     for variant, target, budget, name in reported(model, work):
         ckpt = _weights(w / name)
@@ -217,14 +216,14 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
         fns: dict[str, Any] = {"dense": dense}
         row: dict[str, Any] = {"variant": variant, "target": target, "budget": budget, "dense_form": dense_form}
         if variant in STATIC:
-            row["row_form"], fns["row"] = fastest(lm.model)
+            row["row_form"], fns["row"] = fastest_form(lm.model)
         else:
             plan = Plan.load(w / name / "plan.json")
             engine = to_dynamic(lm.model, find_prune_points(lm.model, x[:1]), plan)
             engine.warmup(ones[0])
             fns["row"] = engine
             slim, keep = slim_of_plan(lm.model, plan, x)
-            row["slim_form"], fns["slim"] = fastest(slim)
+            row["slim_form"], fns["slim"] = fastest_form(slim)
             row["slim_mean_keep"] = statistics.fmean(keep.values())
         lat = per_call_latency(fns, ones, 1)
         for k, v in lat.items():

@@ -57,6 +57,7 @@ from instaprune.engine.bench import (
     clock_for,
     dense_candidates,
     dense_models,
+    fastest,
     per_call_latency,
     slim_gates,
     time_alternating,
@@ -279,8 +280,7 @@ def topk_masks(gates, n: int, keep: float, gen: torch.Generator) -> dict[str, to
 
 
 def _fastest(cands: dict, threads: int, clock: str, rounds: int) -> str:
-    t = time_alternating(cands, rounds, threads, clock, min_seconds=0.02)
-    return min(t, key=lambda k: med(t[k]))
+    return fastest(cands, rounds, threads, clock, min_seconds=0.02)[0]
 
 
 def gate_rows(args, threads: int, batches) -> list[dict]:
