@@ -133,6 +133,14 @@ def prepare_gates(lm: LoadedModel, cfg: GateConfig, schedule: GateSchedule, stat
     return gated, plan
 
 
+def _gated_plan(lm: LoadedModel, gates: GatePlan, target: float, calibration: dict[str, Any]) -> Plan:
+    """The plan of gated weights ``lm.model`` (points, fingerprints) holding ``gates``."""
+    points = discover(lm.model, lm.pre)
+    return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
+                target=target, calibration=calibration, preprocessing=lm.pre, gates=gates,
+                weights=weights_fingerprint(lm.model))
+
+
 def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: GateConfig, schedule: GateSchedule,
                 train_cfg: TrainConfig, out_dir: str | Path | None, resume: str | None = "auto",
                 progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[Plan, dict[str, Any]]:
@@ -190,10 +198,7 @@ def train_gated(lm: LoadedModel, data: ImageSet, val: ImageSet | None, cfg: Gate
         plan_g, metrics["slim_off"] = slim_gated_off(lm, plan_g, cached_batches(val, lm.pre), schedule.target,
                                                      schedule.slim_off)
         metrics["calibration"] = metrics["slim_off"]["calibration"]
-        points = discover(lm.model, lm.pre)  # the slim model's
-    plan = Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
-                target=schedule.target, calibration=metrics.get("calibration", {}), preprocessing=lm.pre,
-                gates=plan_g, weights=weights_fingerprint(lm.model))
+    plan = _gated_plan(lm, plan_g, schedule.target, metrics.get("calibration", {}))
     metrics["seconds"] = time.perf_counter() - t0
     return plan, metrics
 
@@ -240,10 +245,7 @@ def recalibrate_gates(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target:
         new, cal = calibrate_gates(gated, gates, cached_batches(calib, lm.pre, batch_size), target)
     finally:
         gated.remove()
-    points = discover(lm.model, lm.pre)
-    return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
-                target=target, calibration=cal, preprocessing=lm.pre, gates=new,
-                weights=weights_fingerprint(lm.model))
+    return _gated_plan(lm, new, target, cal)
 
 
 def slim_off_plan(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target: float, usage: float,
@@ -255,10 +257,7 @@ def slim_off_plan(lm: LoadedModel, gates: GatePlan, calib: ImageSet, target: flo
     new, info = slim_gated_off(lm, gates, cached_batches(calib, lm.pre, batch_size), target, usage)
     cal = {**info["calibration"], "static_flops_reduction": info["static_flops_reduction"],
            "slim_off": {k: v for k, v in info.items() if k != "calibration"}}
-    points = discover(lm.model, lm.pre)
-    return Plan(model_name=lm.name, fingerprint=points.fingerprint(), points=Plan.signature(points), taus={},
-                target=target, calibration=cal, preprocessing=lm.pre, gates=new,
-                weights=weights_fingerprint(lm.model))
+    return _gated_plan(lm, new, target, cal)
 
 
 def slim_gated_off(lm: LoadedModel, plan: GatePlan, calib: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -352,14 +351,10 @@ def slim_gated_off(lm: LoadedModel, plan: GatePlan, calib: Sequence[tuple[torch.
     lm.model = new_model
     g2 = gated_from_plan(new_model, new_found, new_plan)
     try:
-        if target is None or cfg.selection == "topk":
-            g2.set_keep(new_plan.keep)
+        if target is None:
             top1, red = _run(g2, calib)
             cal = {"selection": cfg.selection, "top1": top1, "flops_reduction": red}
-        else:
-            if cfg.selection == "threshold":
-                g2.running_taus = False
-                g2.taus = dict(new_plan.taus)
+        else:  # top-k: checked as it is (same k); thresholds: one shared scale re-bisected
             new_plan, cal = calibrate_gates(g2, new_plan, calib, target)
     finally:
         g2.remove()
