@@ -238,14 +238,16 @@ def test_keep_one_runs_every_layer_densely_and_no_predictor_for_hard_topk():
     assert engine.summary()["flops_reduction"] < 0  # the predictors' overhead only
 
 
-def test_tuning_picks_a_policy_and_stays_exact():
+@pytest.mark.parametrize("n", [1, 5])
+def test_tuning_picks_a_policy_and_stays_exact(n: int):
     cfg = GateConfig(selection="topk", multiplier="hard")
     model, gates, points, plan = gated_setup("resnet20", 32, cfg, keep=0.4)
     engine = to_dynamic(model, points, plan, tune=True)
     ref = gated_from_plan(model, gates, plan.gates)
-    x = torch.randn(5, 3, 32, 32)
+    x = torch.randn(n, 3, 32, 32)
     assert engine.warmup(x) == 1
-    assert len(engine.tuned) == 1 and len(next(iter(engine.tuned.values()))) == 8
+    # batches: auto and each strategy forced, batch 1: auto and dense; each in NCHW and channels_last
+    assert len(engine.tuned) == 1 and len(next(iter(engine.tuned.values()))) == (4 if n == 1 else 8)
     with torch.no_grad():
         y_ref = ref(x)
     assert_close(engine(x), y_ref)

@@ -31,9 +31,10 @@ gathers rows and columns at once; its predictor pools the compact input and scat
 Grouped (non-depthwise) convs on a gated chain (ResNeXt) run densely: the compact input is scattered back to
 full width and the kept outputs are gathered after the conv (exact; they save nothing).
 
-Layout and tuning: batch 1 runs NCHW; batches run channels_last by default and, with ``tune``, the first call
+Layout and tuning: without ``tune``, batch 1 runs NCHW and batches channels_last. With ``tune``, the first call
 of each (batch, input shape, threads, forced strategy) times every policy -- ``auto`` (per-gate cost model)
-and each strategy forced on every gate, in NCHW and channels_last -- alternating, and keeps the fastest.
+and each strategy forced on every gate (at batch 1: ``auto`` and ``dense``), in NCHW and channels_last --
+alternating, and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ _RELAYOUT_NS = 0.5
 #: tuning: timed rounds per candidate policy (the first is a warm-up; the minimum of the rest counts)
 _TUNE_ROUNDS = 3
 _TUNE_POLICIES = ("auto", "grouped", "union", "dense")
+#: batch 1: gathered convs where the cost model says so (auto) or every gate dense, each in NCHW and NHWC (a
+#: MobileNetV2's depthwise convs run faster in NHWC at 224x224, ResNets' small convs in NCHW)
+_TUNE_POLICIES_B1 = ("auto", "dense")
 #: batch 1: consumers whose output has at most this many pixels run as one GEMM (``_consumer_gemm``)
 _GEMM_PIXELS = 64
 #: batch 1 gathers plain rows / columns into a plain conv: ~0.3-0.4 ns per weight element (measured on ResNet-18
@@ -639,7 +643,7 @@ class GatedEngine(EngineKnobs, nn.Module):
         self._batch, self._shape = x.shape[0], tuple(x.shape[1:])
         ctx = self._ctx
         with torch.inference_mode():
-            if x.shape[0] > 1 and ctx.tune and self.channels_last is None:
+            if ctx.tune and self.channels_last is None:
                 key = (x.shape[0], self._shape, torch.get_num_threads(), ctx.strategy)
                 if key not in self._policies:
                     self._tune(x, key)
@@ -660,7 +664,8 @@ class GatedEngine(EngineKnobs, nn.Module):
     def _tune(self, x: torch.Tensor, key: tuple) -> None:
         ctx = self._ctx
         forced = ctx.strategy
-        cands = [(s, cl) for s in (_TUNE_POLICIES if forced == "auto" else (forced,)) for cl in (False, True)]
+        pols = (_TUNE_POLICIES if x.shape[0] > 1 else _TUNE_POLICIES_B1) if forced == "auto" else (forced,)
+        cands = [(s, cl) for s in pols for cl in (False, True)]
         times: dict[tuple[str, bool], list[float]] = {c: [] for c in cands}
         saved_record = ctx.record
         ctx.record = False
@@ -679,7 +684,7 @@ class GatedEngine(EngineKnobs, nn.Module):
         log.debug("gated engine tuning %s: %s", key, self._policies[key])
 
     def warmup(self, x: torch.Tensor, max_calls: int = 16) -> int:
-        """One call (a new batched regime is tuned inside it); returns the number of forwards run."""
+        """One call (a new regime is tuned inside it); returns the number of forwards run."""
         self(x)
         return 1
 
