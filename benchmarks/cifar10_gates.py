@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "static_nodistill": [],
 }
 STATIC = ("static", "static_nodistill")
+#: study 1's row of the paper's post-hoc rule (its method row in results/cifar10_<model>.json)
+POSTHOC = "method: feature decay + calibrated dynamic thresholds"
 
 
 def adapted(model: str) -> str:
@@ -97,12 +99,13 @@ def holdout_top1(work: Path, name: str) -> float | None:
     return (m.get("calibration") or {}).get("top1", m.get("val_top1"))
 
 
-def choose(work: Path) -> str:
-    """The gated variant with the best holdout top-1 at the choice target, short budget, on ResNet-20."""
-    scores = {v: holdout_top1(work / "resnet20", tag(v, CHOICE_TARGET, "short")) for v in VARIANTS
-              if v not in STATIC and v != "gates_nodistill"}
+def choose(work: Path, model: str = "resnet20", among: tuple[str, ...] | None = None) -> str:
+    """The gated variant with the best holdout top-1 at the choice target, short budget, on ``model`` (ResNet-20
+    chooses the options; ResNet-56 then chooses between the rows it ran at that target: ``among``)."""
+    cands = among if among is not None else tuple(v for v in VARIANTS if v not in STATIC and v != "gates_nodistill")
+    scores = {v: holdout_top1(work / model, tag(v, CHOICE_TARGET, "short")) for v in cands}
     done = {v: s for v, s in scores.items() if s is not None}
-    return max(done, key=done.__getitem__) if done else "gates"
+    return max(done, key=done.__getitem__) if done else cands[0]
 
 
 def rows(model: str, work: Path) -> list[tuple[str, float, str]]:
@@ -112,12 +115,14 @@ def rows(model: str, work: Path) -> list[tuple[str, float, str]]:
         best = choose(work)
         out += [(v, t, "short") for t in TARGETS if t != CHOICE_TARGET for v in (best, "static")]
         out += [(v, CHOICE_TARGET, "long") for v in (best, "static", "static_gates")]
-        return out
+        return list(dict.fromkeys(out))
     best = choose(work)
     out = [(v, CHOICE_TARGET, "short") for v in (best, "static", "static_gates")]
-    out += [(v, t, "short") for t in (0.7, 0.8, 0.3, 0.45) for v in (best, "static")]
-    out += [(v, CHOICE_TARGET, "long") for v in (best, "static", "static_gates")]
-    return out
+    # the other targets and the long budget: the better of ResNet-56's own two gated rows at 60% on its holdout
+    best56 = choose(work, model, (best, "static_gates"))
+    out += [(v, t, "short") for t in (0.7, 0.8, 0.3, 0.45) for v in (best56, "static")]
+    out += [(v, CHOICE_TARGET, "long") for v in (best56, "static", best, "static_gates")]  # every 60% row
+    return list(dict.fromkeys(out))
 
 
 #: slim-off (section 10, the gates' own static part): channels kept for fewer than this share of the holdout go
@@ -410,25 +415,36 @@ def _cpu(out: Path) -> float | None:
 
 
 def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
+    """Test top-1 against the mean FLOPs reduction: every study-2 row (line style = budget) and study 1's
+    post-hoc rule (cited) on the left; the right panel zooms on study 2's rows (the post-hoc rule falls far below
+    them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[tuple[str, str], list[dict]] = {}
     for r in table:
         series.setdefault((r["variant"], r["budget"]), []).append(r)
-    for (variant, budget), rs in sorted(series.items()):
-        rs = sorted(rs, key=lambda r: r["flops_reduction"])
-        ax.plot([r["flops_reduction"] for r in rs], [r["top1"] for r in rs], "o-" if budget == "short" else "s--",
-                label=f"{variant} ({budget})", ms=4)
-    if base is not None:
-        ax.axhline(base, color="gray", ls=":", label="adapted baseline")
-    ax.set_xlabel("mean FLOPs reduction (test split)")
-    ax.set_ylabel("test top-1")
-    ax.set_title(f"CIFAR-10 {model}: gates vs static")
-    ax.legend(fontsize=7, loc="lower left")
+    cited = _load(png.parent / f"cifar10_{model}.json")  # study 1's post-hoc rule: cited (row 4), not rerun
+    posthoc = sorted((r for r in (cited or {}).get("rows", []) if r["method"].startswith(POSTHOC)),
+                     key=lambda r: r["flops_reduction"])
+    for ax, with_posthoc in zip(axes, (True, False), strict=True):
+        for (variant, budget), rs in sorted(series.items()):
+            rs = sorted(rs, key=lambda r: r["flops_reduction"])
+            ax.plot([r["flops_reduction"] for r in rs], [r["top1"] for r in rs],
+                    "o-" if budget == "short" else "s--", label=f"{variant} ({budget})", ms=4)
+        if with_posthoc and posthoc:
+            ax.plot([r["flops_reduction"] for r in posthoc], [r["top1"] for r in posthoc], "x:", color="black",
+                    label="post-hoc rule (study 1, short, cited)", ms=5)
+        if base is not None:
+            ax.axhline(base, color="gray", ls=":", label="adapted baseline")
+        ax.set_xlabel("mean FLOPs reduction (test split)")
+        ax.set_ylabel("test top-1")
+    axes[0].set_title(f"CIFAR-10 {model}: every method")
+    axes[1].set_title("study 2's rows (zoom)")
+    axes[0].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

@@ -297,7 +297,7 @@ def gate_rows(args, threads: int, batches) -> list[dict]:
             x = torch.randn(n, 3, size, size, generator=gen)
             dense = dense_candidates(model, points, x)
             best = _fastest(dense, threads, args.clock, 2 if n == 1 else 1)
-            for keep in GATE_KEEPS:
+            for keep in args.keeps:
                 keeps = dict.fromkeys(gates.names(), keep)
                 gplan = GatePlan(GATE_CFG, tuple(gates.sites), keeps, {}, gates.dense_macs)
                 plan = Plan(name, points.fingerprint(), Plan.signature(points), {}, gates=gplan)
@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="model-level rows for these models only (comma-separated)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--keeps", default=",".join(map(str, GATE_KEEPS)),
+                    help="gate rows: kept fraction per gate (comma-separated)")
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"])
     ap.add_argument("--all-threads", action="store_true", help="every layer shape at 2 threads too")
@@ -552,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    try:
+        args.keeps = [float(k) for k in args.keeps.split(",")]
+    except ValueError:
+        ap.error(f"--keeps: not a comma-separated list of numbers: {args.keeps!r}")
+    if any(not 0 < k <= 1 for k in args.keeps):
+        ap.error("--keeps: every kept fraction must be in (0, 1]")
     start = time.time()
     meta = run_meta("engine_latency.py", argv if argv is not None else sys.argv[1:],
                     config={k: v for k, v in vars(args).items() if k not in ("merge", "render_only")},
