@@ -179,12 +179,14 @@ def _weights(out: Path) -> Path | None:
     return None
 
 
-def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
+def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only: bool = False) -> Path:
     """Latency at 1 thread of every trained row beside the dense adapted baseline and the row's physical limit,
     in one run: batch 1 over ``images`` stratified test images (dense, row, slim alternating per image; means and
     p50/p90) and batch 32 (``pairs`` alternating rounds of torch.utils.benchmark, medians). Gated rows run the
     fast engine on their calibrated plan with their own predictions; their ``slim`` is the statically slimmed
-    model of the same mean MACs (``engine.bench.slim_of_plan``); static rows *are* slim (their row time)."""
+    model of the same mean MACs (``engine.bench.slim_of_plan``); static rows *are* slim (their row time).
+    ``new_only``: time only the rows ``latency.json`` lacks and keep its others (each row is compared within
+    its own run: it records that run's commit and date; the earlier runs' meta go to ``meta.earlier``)."""
     import statistics
 
     import torch
@@ -210,8 +212,14 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
         return best, forms[best]
 
     dense_form, dense = fastest_form(base.model)
-    out_rows = []
+    old = _load(w / "latency.json") if new_only else None
+    out_rows = list(old["rows"]) if old is not None else []
+    have = {(r["variant"], r["target"], r["budget"]) for r in out_rows}
+    meta = run_meta("cifar10_gates.py", ["latency", "--model", model, "--images", str(images), "--pairs",
+                                         str(pairs)] + (["--new-only"] if new_only else []), model=model, threads=1)
     for variant, target, budget, name in reported(model, work):
+        if (variant, target, budget) in have:
+            continue
         ckpt = _weights(w / name)
         done = (w / name / "plan.json") if variant.endswith("+slimoff") else (w / name / "metrics.json")
         if not done.is_file() or ckpt is None:
@@ -219,7 +227,8 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
         lm = load_model(model, ckpt)
         lm.model.eval()
         fns: dict[str, Any] = {"dense": dense}
-        row: dict[str, Any] = {"variant": variant, "target": target, "budget": budget, "dense_form": dense_form}
+        row: dict[str, Any] = {"variant": variant, "target": target, "budget": budget, "dense_form": dense_form,
+                               "commit": meta.get("commit"), "date": meta.get("date")}
         if variant in STATIC:
             row["row_form"], fns["row"] = fastest_form(lm.model)
         else:
@@ -242,8 +251,8 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7) -> Path:
             if "slim" in fns:
                 row[f"{b}_ratio_to_slim"] = row[f"{b}_row_ms"] / row[f"{b}_slim_ms"]
         out_rows.append(row)
-    meta = run_meta("cifar10_gates.py", ["latency", "--model", model, "--images", str(images), "--pairs",
-                                         str(pairs)], model=model, threads=1)
+    if old is not None:
+        meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
     return atomic_write_json(w / "latency.json", {"meta": meta, "rows": out_rows})
 
 
@@ -323,12 +332,14 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
     if lat is not None:
-        lm = lat["meta"]
-        md += ["", f"Latency at 1 thread (`{lm['command']}`, commit {lm.get('commit', '?')[:7]}, torch "
-               f"{lm.get('torch')}, {lm.get('date', '')[:10]}): batch 1 = mean ms per image over the sampled test "
+        runs = [*lat["meta"].get("earlier", []), lat["meta"]]
+        said = "; ".join(f"`{lm['command']}`, commit {lm.get('commit', '?')[:7]}, torch {lm.get('torch')}, "
+                         f"{lm.get('date', '')[:10]}" for lm in runs)
+        md += ["", f"Latency at 1 thread ({said}): batch 1 = mean ms per image over the sampled test "
                "images, batch 32 = median ms per batch; dense = the adapted baseline, slim = the statically slimmed "
-               "model of the row's mean MACs (static rows are slim themselves); every model timed alternating in "
-               "one run.", "",
+               "model of the row's mean MACs (static rows are slim themselves); each row's models timed "
+               "alternating in one run" + (" (later runs timed only the rows the earlier lacked)."
+                                           if len(runs) > 1 else "."), "",
                "| row | target | budget | b1 dense | b1 row | b1 slim | b1 speedup | b1 row/slim | b32 dense | "
                "b32 row | b32 slim | b32 speedup | b32 row/slim |", "|---" * 13 + "|"]
         for r in table:
@@ -463,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--images", type=int, default=200, help="latency: batch-1 test images")
     ap.add_argument("--pairs", type=int, default=7, help="latency: alternating rounds at batch 32")
+    ap.add_argument("--new-only", action="store_true", help="latency: time only the rows latency.json lacks")
     a = ap.parse_args(argv)
     if Path.cwd().resolve() != ROOT:
         raise SystemExit(f"cifar10_gates: run from the repository root ({ROOT})")
@@ -470,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         status(a.model, a.work)
         return 0
     if a.action == "latency":
-        print(latency(a.model, a.work, a.images, a.pairs))
+        print(latency(a.model, a.work, a.images, a.pairs, a.new_only))
         return 0
     if a.action == "report":
         from cifar10_study import write_results_md  # RESULTS.md opens with study 2 (this script's tables)
