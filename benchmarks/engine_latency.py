@@ -333,7 +333,11 @@ def gate_rows(args, threads: int, batches) -> list[dict]:
                             engine.forced = None
                     fns["predictors"] = with_predictors
                 t = time_alternating(fns, args.pairs, threads, args.clock, min_seconds=0.02)
-                engine(x)
+                torch.set_num_threads(threads)
+                try:
+                    engine(x)  # the regime timed above (its tuned policy)
+                finally:
+                    torch.set_num_threads(prev)
                 s = engine.summary()
                 slim_macs = float(engine.instance_macs().mean())
                 row = {"level": "model", "method": "gate", "model": name, "batch": n, "threads": threads,
@@ -348,7 +352,7 @@ def gate_rows(args, threads: int, batches) -> list[dict]:
                     row["predictors_ms"] = med(t["predictors"])
                 row["ratio_to_slim"] = row["dynamic_ms"] / row["slim_ms"]
                 if engine.tuned:
-                    (key, tuned), = ((k, v) for k, v in engine.tuned.items() if k[0] == n)
+                    (key, tuned), = ((k, v) for k, v in engine.tuned.items() if k[0] == n and k[2] == threads)
                     row["tuned_ms"] = {k: 1e3 * v for k, v in tuned.items()}
                     pol = engine._policies[key]
                     row["policy"] = f"{pol[0]}/{'cl' if pol[1] else 'nchw'}"
@@ -491,9 +495,18 @@ def _inf(model, x):
         return model(x)
 
 
+#: where :func:`log` keeps every finished row of this run (``--out`` + ``.partial.json``), so an interrupted run
+#: keeps its rows (``--merge`` takes the file; its meta says ``partial``)
+_PARTIAL: dict = {}
+
+
 def log(obj) -> None:
     if "level" in obj:
         obj["procs_running"] = procs_running()
+        if _PARTIAL:
+            _PARTIAL["rows"].append(obj)
+            atomic_write_json(_PARTIAL["path"], {"meta": {**_PARTIAL["meta"], "partial": True},
+                                                 "rows": _PARTIAL["rows"]})
     keys = ("level", "method", "model", "layer", "batch", "threads", "keep", "dense_ms", "slim_ms", "dynamic_ms",
             "efficiency", "ratio_to_slim", "policy", "auto_over_best", "skipped", "procs_running")
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in obj.items() if k in keys}),
@@ -568,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["git_commit"] = meta.pop("commit")
     meta["load_avg_at_start"] = meta.pop("load_avg")
     rows: list[dict] = []
+    _PARTIAL.update(path=out.with_suffix(".partial.json"), meta=meta, rows=[])
     for t in threads:
         if "layer" in parts:
             rows += layer_rows(args, t, batches)
@@ -585,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["loaded"] = (meta["max_procs_running"] > max(threads) + 1
                       or meta["load_avg_at_start"][0] > max(threads) + 0.5)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
+    _PARTIAL["path"].unlink(missing_ok=True)
+    _PARTIAL.clear()
     md, png = render(meta, rows, out)
     atomic_write_text(out.with_suffix(".md"), md)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {png}")
