@@ -14,10 +14,11 @@ Rows (``results/engine_latency.json``, key ``rows``):
   rest.
 - ``model`` with ``method`` = ``gate``: predicted gates (``to_dynamic`` on a gated plan, top-k, hard) on
   ResNet-18/50 and MobileNetV2 at 224x224 and CIFAR ResNet-20/56 at 32x32, keep 1.0/0.5/0.3 per gate; masks
-  forced per image (every image keeps the same k channels per gate, drawn independently: no real calibrated
-  gated plan exists yet), the predictors computed and paid; ``slim_ms`` = the statically slimmed model of the
-  same MACs (``engine.bench.slim_gates``: the same k channels physically removed; the fastest of its eager /
-  folded x NCHW / channels_last forms); dense, slim and dynamic alternate; ``tuned_ms`` = the engine's timed
+  forced per image (every image keeps the same k channels per gate, drawn independently: synthetic budgets;
+  study 2's real calibrated plans are timed by ``cifar10_gates.py latency``), the predictors computed and paid;
+  ``slim_ms`` = the statically slimmed model of the same MACs (``engine.bench.slim_gates``: the same k channels
+  physically removed; the fastest of its eager / folded x NCHW / channels_last forms); dense, slim and dynamic
+  alternate; ``tuned_ms`` = the engine's timed
   policies (``auto`` and each strategy forced on every gate, NCHW / channels_last) on its first call.
 - ``model-real``: CIFAR ResNet-20/56 with their public checkpoints, a plan calibrated (shared tau, target
   FLOPs reduction 0.5) on ``--calib-images`` images of the CIFAR-10 train split (``--cifar-train``; when
