@@ -385,6 +385,18 @@ def goals(results: Path = Path("results")) -> list[str]:
                     lines.append(f"| {model} | {target:.0%} {budget}: within 1.0 point of the adapted baseline "
                                  f"({base:.4f}) | {best['variant']}: {gap:+.2f} points | "
                                  f"{'yes' if gap >= -1.0 else 'no'} |")
+        trend = []  # the gap to static at both budgets, per row run at both
+        for v in dict.fromkeys(r["variant"] for r in d["rows"] if r["target"] == CHOICE_TARGET):
+            both = {r["budget"]: r for r in d["rows"] if r["variant"] == v and r["target"] == CHOICE_TARGET
+                    and r.get("minus_static")}
+            if "short" in both and "long" in both:
+                a, b = both["short"]["minus_static"], both["long"]["minus_static"]
+                trend.append(f"{v}: {100 * a['diff']:+.2f} -> {100 * b['diff']:+.2f} [{100 * b['ci95'][0]:+.2f}, "
+                             f"{100 * b['ci95'][1]:+.2f}]")
+        if trend:
+            lines.append(f"| {model} | budget trend at {CHOICE_TARGET:.0%}: the gap to static, short -> long budget "
+                         f"({BUDGETS['short'][model]} -> {BUDGETS['long'][model]} epochs) | {'; '.join(trend)} | "
+                         "reported |")
         timed = [r for r in d["rows"] if r.get("latency") and r["variant"] not in STATIC]
         if timed:
             r = max(timed, key=lambda r: r["latency"]["b1_speedup"])
@@ -441,11 +453,15 @@ def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
     cited = _load(png.parent / f"cifar10_{model}.json")  # study 1's post-hoc rule: cited (row 4), not rerun
     posthoc = sorted((r for r in (cited or {}).get("rows", []) if r["method"].startswith(POSTHOC)),
                      key=lambda r: r["flops_reduction"])
+    bases = sorted({v.removesuffix("+slimoff") for v, _ in series})
+    color = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}  # one colour per trained variant
     for ax, with_posthoc in zip(axes, (True, False), strict=True):
         for (variant, budget), rs in sorted(series.items()):
             rs = sorted(rs, key=lambda r: r["flops_reduction"])
+            slimoff = variant.endswith("+slimoff")  # hollow: the same trained row, never-kept channels removed
             ax.plot([r["flops_reduction"] for r in rs], [r["top1"] for r in rs],
-                    "o-" if budget == "short" else "s--", label=f"{variant} ({budget})", ms=4)
+                    "o-" if budget == "short" else "s--", label=f"{variant} ({budget})", ms=5 if slimoff else 4,
+                    color=color[variant.removesuffix("+slimoff")], mfc="none" if slimoff else None)
         if with_posthoc and posthoc:
             ax.plot([r["flops_reduction"] for r in posthoc], [r["top1"] for r in posthoc], "x:", color="black",
                     label="post-hoc rule (study 1, short, cited)", ms=5)
@@ -454,7 +470,7 @@ def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
         ax.set_xlabel("mean FLOPs reduction (test split)")
         ax.set_ylabel("test top-1")
     axes[0].set_title(f"CIFAR-10 {model}: every method")
-    axes[1].set_title("study 2's rows (zoom)")
+    axes[1].set_title("study 2's rows (zoom; squares: long budget, hollow: slim-off)", fontsize=9)
     axes[0].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
