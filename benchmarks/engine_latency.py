@@ -59,6 +59,7 @@ from instaprune.engine.bench import (
     dense_candidates,
     dense_models,
     fastest,
+    num_threads,
     per_call_latency,
     slim_gates,
     time_alternating,
@@ -310,14 +311,10 @@ def gate_rows(args, threads: int, batches) -> list[dict]:
                 slim = slim_gates(model, gates, keeps, GATE_CFG.min_keep)
                 slim_c = dense_candidates(slim, find_prune_points(slim, x0), x)
                 sbest = _fastest(slim_c, threads, args.clock, 2 if n == 1 else 1)
-                prev = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
+                with num_threads(threads):
                     t0 = time.perf_counter()
                     engine.warmup(x)  # a batch's policy is tuned on its first call, before any timing
                     warm = time.perf_counter() - t0
-                finally:
-                    torch.set_num_threads(prev)
 
                 def run_dyn(engine=engine, x=x):
                     return engine(x)
@@ -334,11 +331,8 @@ def gate_rows(args, threads: int, batches) -> list[dict]:
                             engine.forced = None
                     fns["predictors"] = with_predictors
                 t = time_alternating(fns, args.pairs, threads, args.clock, min_seconds=0.02)
-                torch.set_num_threads(threads)
-                try:
+                with num_threads(threads):
                     engine(x)  # the regime timed above (its tuned policy)
-                finally:
-                    torch.set_num_threads(prev)
                 s = engine.summary()
                 slim_macs = float(engine.instance_macs().mean())
                 row = {"level": "model", "method": "gate", "model": name, "batch": n, "threads": threads,

@@ -16,6 +16,7 @@ Used by ``benchmarks/engine_latency.py`` and the ``instaprune benchmark`` comman
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import math
@@ -23,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,8 +38,8 @@ from instaprune.engine.dynamic import DynamicModel, fold_dense, to_dynamic
 from instaprune.method.plan import Plan
 from instaprune.method.points import PointReport
 
-__all__ = ["CLOCKS", "clock_for", "time_alternating", "fastest", "dense_models", "dense_candidates", "breakdown",
-           "per_call_latency", "machine", "benchmark_plan", "slim_gates", "slim_of_plan"]
+__all__ = ["CLOCKS", "clock_for", "num_threads", "time_alternating", "fastest", "dense_models", "dense_candidates",
+           "breakdown", "per_call_latency", "machine", "benchmark_plan", "slim_gates", "slim_of_plan"]
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 _CONV_OPS = ("conv", "addmm", "aten::mm", "aten::bmm", "embedding_bag", "aten::linear", "aten::matmul")
@@ -77,7 +78,6 @@ def _quiet_cpu_only(name: str):
     ("gpuGetDeviceCount failed with code 35") and start/stop lines. Where torch allows it, silence them: the
     ``torch.utils.cpp_extension`` logger is raised to ERROR while it is imported, and Kineto's log level is set
     above its errors through ``KINETO_LOG_LEVEL`` (unless the user set it). With CUDA available, nothing changes."""
-    import contextlib
     import logging
 
     @contextlib.contextmanager
@@ -107,14 +107,23 @@ def _timer():
     return Timer
 
 
+@contextlib.contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the ``with`` block, the previous count restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def time_alternating(fns: dict[str, Callable[[], Any]], pairs: int = 7, threads: int = 1, clock: str = "auto",
                      min_seconds: float = 0.05) -> dict[str, list[float]]:
     """Per-call milliseconds of each function, measured round-robin ``pairs`` times (after one warm-up)."""
     timer = CLOCKS[clock_for(threads, clock)]
     Timer = _timer()  # noqa: N806
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         numbers = {}
         for name, f in fns.items():
             f()
@@ -126,8 +135,6 @@ def time_alternating(fns: dict[str, Callable[[], Any]], pairs: int = 7, threads:
             for name, f in fns.items():
                 t = Timer("f()", globals={"f": f}, num_threads=threads, timer=timer)
                 out[name].append(t.timeit(numbers[name]).median * 1e3)
-    finally:
-        torch.set_num_threads(prev)
     return out
 
 
@@ -217,10 +224,8 @@ def per_call_latency(fns: dict[str, Callable[[torch.Tensor], Any]], inputs: list
                      threads: int = 1, clock: str = "auto") -> dict[str, dict[str, float]]:
     """Per-input latency (ms) of each function, alternating functions on every input; p50/p90/p99/mean."""
     timer = CLOCKS[clock_for(threads, clock)]
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
     times: dict[str, list[float]] = {n: [] for n in fns}
-    try:
+    with num_threads(threads):
         for f in fns.values():
             f(inputs[0])
         for x in inputs:
@@ -228,8 +233,6 @@ def per_call_latency(fns: dict[str, Callable[[torch.Tensor], Any]], inputs: list
                 t0 = timer()
                 f(x)
                 times[name].append((timer() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(prev)
     out = {}
     for name, v in times.items():
         q = statistics.quantiles(v, n=100, method="inclusive") if len(v) > 1 else [v[0]] * 99
