@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-__all__ = ["render", "goals"]
+__all__ = ["render", "goals", "readme_gate_table"]
 
 GOAL_MODELS = ("resnet18", "resnet50")
 
@@ -164,6 +164,26 @@ def real_plan_goals(results: Path = RESULTS) -> list[str]:
                    f"`results/cifar10_gates_resnet56.md`), batch {b[1:]}, 1 thread: measured speedup "
                    f"**{min(sp):.2f}-{max(sp):.2f}x** (goal {goal}x: {'meets' if max(sp) >= goal else 'MISSES'}), "
                    f"the slim model of the same MACs {min(slim):.2f}-{max(slim):.2f}x")
+    return out
+
+
+README_GATE_HEAD = ("| model | batch | threads | keep | dense ms | slim ms | dynamic ms | speedup (theor.) "
+                    "| slim speedup | dynamic / slim | policy |")
+
+
+def readme_gate_table(rows: list[dict]) -> list[str]:
+    """The gate table of README's fast-engine section, rendered from the results (``tests/test_readme_tables``
+    checks README against it, so no number there is typed by hand)."""
+    out = [README_GATE_HEAD, "|" + "---|" * 11]
+    cifar = ("resnet20", "resnet56")
+    gate = [r for r in rows if _gate(r)]
+    first = {m: i for i, m in reversed(list(enumerate(r["model"] for r in gate)))}
+    gate.sort(key=lambda r: (r["model"] not in cifar, r["threads"], r["batch"], first[r["model"]], -r["keep"]))
+    for r in gate:
+        out.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {r['keep']} | {_f(r['dense_ms'])} | "
+                   f"{_f(r['slim_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])}x "
+                   f"({_f(r['theoretical_speedup'])}x) | {_f(r['slim_speedup'])}x | {_f(r['ratio_to_slim'])} | "
+                   f"{r.get('policy', '')} |")
     return out
 
 
