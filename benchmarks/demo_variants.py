@@ -29,7 +29,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                 {"method": "posthoc"}),
     "gates": ("predicted gates, top-k (hard, no distillation, 8 epochs like the baseline branch)",
               {"method": "gates", "gates": {"selection": "topk"}}),
-    "gates_thr": ("gates with per-image budgets (threshold selection): the shipped demo",
+    "gates_thr": ("gates with per-image budgets (threshold selection), no static part: the demo until 2026-12-06",
                   {"method": "gates", "gates": {"selection": "threshold"}}),
     "gates_distill": ("gates (top-k) distilled from the pre-trained model (weight 0.5)",
                       {"method": "gates", "gates": {"selection": "topk", "distill": 0.5}}),
@@ -44,6 +44,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gates_static_distill": ("half the target slimmed statically first, distillation 0.5",
                              {"method": "gates",
                               "gates": {"selection": "topk", "static_target": 0.21, "distill": 0.5}}),
+    "gates_static": ("half the target slimmed statically first (static L1), then top-k gates; no distillation",
+                     {"method": "gates", "gates": {"selection": "topk", "static_target": 0.21}}),
+    "gates_static_thr": (("half the target slimmed statically first, then threshold gates (per-image budgets): "
+                          "the shipped demo"),
+                         {"method": "gates", "gates": {"selection": "threshold", "static_target": 0.21}}),
+    "gates_static75": ("three quarters of the target slimmed statically first, then top-k gates; no distillation",
+                       {"method": "gates", "gates": {"selection": "topk", "static_target": 0.32}}),
     "gates_w24_distill": ("gates on a wider network (width 24), distillation 0.5",
                           {"method": "gates", "recipe": {"width": 24},
                            "gates": {"selection": "topk", "distill": 0.5}}),
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe = replace(DEMO_RECIPE, **over.pop("recipe", {}))
             base = DemoSchedule()
             if "gates" in over:
-                over["gates"] = replace(base.gates, **over["gates"])
+                # a variant names its static part; none means none (the shipped default slims half the target)
+                over["gates"] = replace(base.gates, **{"static_target": 0.0, **over["gates"]})
             sched = replace(base, **over)
             with tempfile.TemporaryDirectory() as tmp:
                 m = run_demo(tmp, seed=a.seed, schedule=sched, recipe=recipe)
