@@ -43,14 +43,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                         {"method": "gates", "gates": {"selection": "threshold", "multiplier": "value"}}),
     "gates_static_distill": ("half the target slimmed statically first, distillation 0.5",
                              {"method": "gates",
-                              "gates": {"selection": "topk", "static_target": 0.21, "distill": 0.5}}),
+                              "gates": {"selection": "topk", "static_share": 0.5, "distill": 0.5}}),
     "gates_static": ("half the target slimmed statically first (static L1), then top-k gates; no distillation",
-                     {"method": "gates", "gates": {"selection": "topk", "static_target": 0.21}}),
+                     {"method": "gates", "gates": {"selection": "topk", "static_share": 0.5}}),
     "gates_static_thr": (("half the target slimmed statically first, then threshold gates (per-image budgets): "
                           "the shipped demo"),
-                         {"method": "gates", "gates": {"selection": "threshold", "static_target": 0.21}}),
+                         {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5}}),
     "gates_static75": ("three quarters of the target slimmed statically first, then top-k gates; no distillation",
-                       {"method": "gates", "gates": {"selection": "topk", "static_target": 0.32}}),
+                       {"method": "gates", "gates": {"selection": "topk", "static_share": 0.32 / 0.42}}),
     "gates_w24_distill": ("gates on a wider network (width 24), distillation 0.5",
                           {"method": "gates", "recipe": {"width": 24},
                            "gates": {"selection": "topk", "distill": 0.5}}),
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             base = DemoSchedule()
             if "gates" in over:
                 # a variant names its static part; none means none (the shipped default slims half the target)
-                over["gates"] = replace(base.gates, **{"static_target": 0.0, **over["gates"]})
+                over["gates"] = replace(base.gates, **{"static_share": 0.0, **over["gates"]})
             sched = replace(base, **over)
             with tempfile.TemporaryDirectory() as tmp:
                 m = run_demo(tmp, seed=a.seed, schedule=sched, recipe=recipe)

@@ -41,3 +41,13 @@ def test_demo_end_to_end(tmp_path, capsys, method):
         assert (out / f).is_file(), f
     printed = capsys.readouterr().out
     assert "flops_reduction" in printed
+
+
+@pytest.mark.parametrize("bad", [{"static_share": 1.0}, {"static_share": -0.1}, {"epochs": 0}, {"distill": 1.5}])
+def test_demo_gates_options_are_validated(bad):
+    from instaprune.core.errors import ConfigError
+    from instaprune.demo.gated import DemoGates
+
+    assert DemoGates().static_share == 0.5  # the shipped demo slims half its FLOPs target statically
+    with pytest.raises(ConfigError):
+        DemoGates(**bad)

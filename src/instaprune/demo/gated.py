@@ -25,7 +25,7 @@ class DemoGates:
     the pre-trained model), gate options as :class:`GateConfig` / :class:`GateSchedule` name them.
 
     Measured (``results/demo_variants``, seed 0, 1 thread, target 0.42, 2026-12-05): test top-1 drop against the
-    baseline branch 1.96 points with half the target slimmed statically first (``static_target`` 0.21, static L1,
+    baseline branch 1.96 points with half the target slimmed statically first (``static_share`` 0.5, static L1,
     docs/method.md section 10) and threshold gates on the rest (per-image budgets: p90/p10 1.14,
     Spearman(difficulty, FLOPs) +0.27); 1.78 with the same composition and top-k gates, 2.12 with three quarters
     static; gates alone 2.48 (threshold) / 2.14 (top-k), 2.24 / 2.78 with the value multiplier; distillation from
@@ -42,11 +42,12 @@ class DemoGates:
     ramp: float = 0.3
     warmup_batches: int = 20
     predictor: str = "linear"
-    static_target: float = 0.21  # half of the demo's 0.42 target (DEMO_TARGET) slimmed statically
+    static_share: float = 0.5  # this share of the FLOPs target is slimmed statically, the gates cut the rest
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or not self.lr > 0 or not 0 <= self.distill <= 1:
-            raise ConfigError(f"demo gates: epochs >= 1, lr > 0 and distill in [0, 1], got {self}")
+        if self.epochs < 1 or not self.lr > 0 or not 0 <= self.distill <= 1 or not 0 <= self.static_share < 1:
+            raise ConfigError(f"demo gates: epochs >= 1, lr > 0, distill in [0, 1] and static_share in [0, 1), "
+                              f"got {self}")
 
 
 def gated_branch(lm: LoadedModel, train_set: ImageSet, calib_set: ImageSet, base_cfg: TrainConfig, target: float,
@@ -58,7 +59,7 @@ def gated_branch(lm: LoadedModel, train_set: ImageSet, calib_set: ImageSet, base
 
     cfg = GateConfig(selection=options.selection, multiplier=options.multiplier, predictor=options.predictor)
     schedule = GateSchedule(target=target, ramp=options.ramp, warmup_batches=options.warmup_batches,
-                            static_target=options.static_target)
+                            static_target=options.static_share * target)
     tcfg = replace(base_cfg, epochs=options.epochs, lr=options.lr, distill=options.distill,
                    checkpoint_every=0)
     return train_gated(lm, train_set, calib_set, cfg, schedule, tcfg, None, resume=None, progress=progress)
