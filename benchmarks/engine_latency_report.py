@@ -177,8 +177,8 @@ def readme_gate_table(rows: list[dict]) -> list[str]:
     out = [README_GATE_HEAD, "|" + "---|" * 11]
     cifar = ("resnet20", "resnet56")
     gate = [r for r in rows if _gate(r)]
-    first = {m: i for i, m in reversed(list(enumerate(r["model"] for r in gate)))}
-    gate.sort(key=lambda r: (r["model"] not in cifar, r["threads"], r["batch"], first[r["model"]], -r["keep"]))
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["model"] for r in gate))}  # models in the order first timed
+    gate.sort(key=lambda r: (r["model"] not in cifar, r["threads"], r["batch"], order[r["model"]], -r["keep"]))
     for r in gate:
         out.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {r['keep']} | {_f(r['dense_ms'])} | "
                    f"{_f(r['slim_ms'])} | {_f(r['dynamic_ms'])} | {_f(r['measured_speedup'])}x "
