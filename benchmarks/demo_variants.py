@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gates_static_thr": (("half the target slimmed statically first, then threshold gates (per-image budgets): "
                           "the shipped demo"),
                          {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5}}),
+    "gates_static_thr_lr01": ("the shipped demo's gated branch at learning rate 0.1 instead of 0.05",
+                              {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5, "lr": 0.1}}),
+    "gates_static_thr_ramp06": ("the shipped demo's gated branch with the keep ramp over 60% of training (not 30%)",
+                                {"method": "gates",
+                                 "gates": {"selection": "threshold", "static_share": 0.5, "ramp": 0.6}}),
     "gates_static75": ("three quarters of the target slimmed statically first, then top-k gates; no distillation",
                        {"method": "gates", "gates": {"selection": "topk", "static_share": 0.32 / 0.42}}),
     "gates_w24_distill": ("gates on a wider network (width 24), distillation 0.5",
