@@ -59,3 +59,35 @@ def test_resnet20_rows_are_unique_and_long_rows_use_the_choice(tmp_path: Path):
     assert len(rows) == len(set(rows))
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
     assert {v for v, t, b in rows if t == 0.7} == {"gates_value", "static"}
+
+
+def _row(variant: str, target: float, budget: str, top1: float, red: float, diff: float | None = None) -> dict:
+    return {"variant": variant, "target": target, "budget": budget, "top1": top1, "flops_reduction": red,
+            "per_image_flops_p90_over_p10": None if variant == "static" else 1.0,
+            "minus_static": None if diff is None else {"diff": diff, "ci95": [diff - 0.005, diff + 0.005]}}
+
+
+def test_goals_judge_planned_rows_and_add_up_the_recorded_cost(tmp_path: Path):
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    rows = [_row("static", 0.6, "short", 0.887, 0.60), _row("static_gates", 0.6, "short", 0.899, 0.61, +0.012),
+            _row("static", 0.7, "short", 0.878, 0.70), _row("static_gates", 0.7, "short", 0.869, 0.72, -0.009)]
+    (results / "cifar10_gates_resnet56.json").write_text(
+        json.dumps({"meta": {"baseline_top1": 0.8963}, "rows": rows}))
+    for name, rec in {"static_0.6_short": {"seconds": 3600, "cpu_seconds": 3600},
+                      "ev_static_0.6_short": {"seconds": 60, "cpu_seconds": 1800},
+                      "static_gates_0.6_short": {"seconds": 7200}}.items():  # an early stage: wall time only
+        (work / "resnet56" / name).mkdir(parents=True)
+        (work / "resnet56" / name / "cost.json").write_text(json.dumps(rec))
+    md = "\n".join(g.goals(results, work))
+    assert "| resnet56 | 60% short: best instance-wise row beats static by >= 1 point(s), CI > 0 | " \
+           "static_gates: +1.20 [+0.70, +1.70] | yes |" in md
+    assert "static_gates: -0.90 [-1.40, -0.40] | no |" in md  # 70% needs +2 points
+    assert "60% short: within 1.0 point of the adapted baseline (0.8963) | static_gates: +0.27 points | yes" in md
+    assert "70% long" not in md  # the plan runs the long budget at 60% only: no goal line for it
+    assert "| resnet56 | 60% long: best instance-wise row beats static by >= 1 point(s), CI > 0 | pending | - |" in md
+    assert "stretch" in md and "static_gates 0.7 short (0.720): -2.73 points | no |" in md
+    assert "no row with per-image budgets" in md  # top-k rows only
+    assert "| resnet20 | all | pending (no row yet) | - |" in md
+    assert "1.5 CPU hours recorded (resnet56 1.5; resnet20 0.0), plus 2.0 wall hours of 1 early stages" in md
+    assert md.count("| so far |") == 1  # planned rows are missing: the budget is judged so far
