@@ -46,22 +46,22 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                               "gates": {"selection": "topk", "static_share": 0.5, "distill": 0.5}}),
     "gates_static": ("half the target slimmed statically first (static L1), then top-k gates; no distillation",
                      {"method": "gates", "gates": {"selection": "topk", "static_share": 0.5}}),
-    "gates_static_thr": (("half the target slimmed statically first, then threshold gates (per-image budgets): "
-                          "the shipped demo"),
+    "gates_static_thr": (("half the target slimmed statically first, threshold gates (per-image budgets), lr 0.05: "
+                          "the demo until 2026-12-06"),
                          {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5}}),
-    "gates_static_thr_lr01": ("the shipped demo's gated branch at learning rate 0.1 instead of 0.05",
+    "gates_static_thr_lr01": ("half static, threshold gates (the demo until 2026-12-06), lr 0.1",
                               {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5, "lr": 0.1}}),
-    "gates_static_thr_lr02": ("the shipped demo's gated branch at learning rate 0.2 instead of 0.05",
+    "gates_static_thr_lr02": ("half static, threshold gates (the demo until 2026-12-06), lr 0.2",
                               {"method": "gates", "gates": {"selection": "threshold", "static_share": 0.5, "lr": 0.2}}),
     "gates_thr_lr01": ("threshold gates alone (no static part) at learning rate 0.1",
                        {"method": "gates", "gates": {"selection": "threshold", "lr": 0.1}}),
-    "gates_static_thr_lr015": ("the shipped demo's gated branch at learning rate 0.15",
+    "gates_static_thr_lr015": ("half static, threshold gates (the demo until 2026-12-06), lr 0.15",
                                {"method": "gates",
                                 "gates": {"selection": "threshold", "static_share": 0.5, "lr": 0.15}}),
-    "gates_static75_thr_lr01": ("three quarters of the target slimmed statically, threshold gates, learning rate 0.1",
+    "gates_static75_thr_lr01": ("three quarters static, threshold gates, lr 0.1: the shipped demo",
                                 {"method": "gates",
                                  "gates": {"selection": "threshold", "static_share": 0.75, "lr": 0.1}}),
-    "gates_static_thr_ramp06": ("the shipped demo's gated branch with the keep ramp over 60% of training (not 30%)",
+    "gates_static_thr_ramp06": ("half static, threshold gates, keep ramp over 60% of training (not 30%)",
                                 {"method": "gates",
                                  "gates": {"selection": "threshold", "static_share": 0.5, "ramp": 0.6}}),
     "gates_static75": ("three quarters of the target slimmed statically first, then top-k gates; no distillation",
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = replace(DEMO_RECIPE, **over.pop("recipe", {}))
             base = DemoSchedule()
             if "gates" in over:
-                # a variant names its static part; none means none (the shipped default slims half the target)
-                over["gates"] = replace(base.gates, **{"static_share": 0.0, **over["gates"]})
+                # a variant names its static part and lr; none means none and 0.05 (the gated branch's lr until
+                # 2026-12-06), so that every variant reproduces as recorded whatever the shipped defaults
+                over["gates"] = replace(base.gates, **{"static_share": 0.0, "lr": 0.05, **over["gates"]})
             sched = replace(base, **over)
             with tempfile.TemporaryDirectory() as tmp:
                 m = run_demo(tmp, seed=a.seed, schedule=sched, recipe=recipe)

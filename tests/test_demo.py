@@ -22,11 +22,13 @@ def test_demo_end_to_end(tmp_path, capsys, method):
     files = ["report.md", "plan.json", "config.yaml", "keep_ratio_per_point.png", "flops_histogram.png",
              "accuracy_vs_flops.png", "keep_vs_confidence.png", "difficulty_vs_flops.png"]
     if method == "gates":
-        # Measured (results/demo_variants, gates_static_thr = the default, seed 0, 1 thread): baseline 0.894, top1
-        # 0.875 (drop 2.0 points; goal <= 1 point, NOT met; top-k 1.8, gates alone 2.5, the post-hoc rule 3.6) at
-        # 0.420, p90/p10 1.14, Spearman +0.27.
-        assert m["baseline_top1"] - m["top1"] <= 0.045
-        assert m["per_image_flops_p90_over_p10"] > 1.1  # per-image budgets (threshold gates)
+        # The demo's goal: top-1 within 1 point of the baseline branch at >= 40% FLOPs reduction. Measured
+        # (results/demo_variants, gates_static75_thr_lr01 = the default: three quarters static, threshold gates,
+        # lr 0.1): drop 0.80 (seed 0, 2 threads, as here), 0.96 (seed 0, 1 thread), 0.86 (seed 1) at 0.418-0.421,
+        # p90/p10 1.07-1.12; the trajectory depends on the thread count and the CPU's floating-point order.
+        assert m["baseline_top1"] - m["top1"] <= 0.01
+        assert m["flops_reduction"] >= 0.40
+        assert m["per_image_flops_p90_over_p10"] > 1.0  # per-image budgets (threshold gates)
         assert -1.0 <= m["spearman_difficulty_flops"] <= 1.0
         assert len(m["train_top1_under_masks"]) == 8  # the baseline branch's epochs, trained under the masks
     else:
@@ -48,6 +50,6 @@ def test_demo_gates_options_are_validated(bad):
     from instaprune.core.errors import ConfigError
     from instaprune.demo.gated import DemoGates
 
-    assert DemoGates().static_share == 0.5  # the shipped demo slims half its FLOPs target statically
+    assert DemoGates().static_share == 0.75  # the shipped demo slims three quarters of its FLOPs target statically
     with pytest.raises(ConfigError):
         DemoGates(**bad)
