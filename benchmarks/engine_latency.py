@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from _common import ROOT, run_meta
-from engine_latency_report import render
+from engine_latency_report import render, update_readme
 from instaprune.core.io import atomic_write_json, atomic_write_text
 from instaprune.engine._kernels import SparseInputConv2d, fold_bn
 from instaprune.engine._modules import DynamicConv2d, EngineContext, FoldedConv2d
@@ -551,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         args.render_only = True
     if args.render_only:
         data = json.loads(out.with_suffix(".json").read_text())
-        md, png = render(data["meta"], data["rows"], out)
-        atomic_write_text(out.with_suffix(".md"), md)
-        print(f"wrote {out.with_suffix('.md')}, {png}")
+        print("wrote " + ", ".join(map(str, _write_reports(data["meta"], data["rows"], out))))
         return 0
     if args.quick:
         args.pairs = min(args.pairs, 3)
@@ -596,10 +594,19 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     _PARTIAL["path"].unlink(missing_ok=True)
     _PARTIAL.clear()
-    md, png = render(meta, rows, out)
-    atomic_write_text(out.with_suffix(".md"), md)
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {png}")
+    print("wrote " + ", ".join(map(str, [out.with_suffix(".json"), *_write_reports(meta, rows, out)])))
     return 0
+
+
+def _write_reports(meta: dict, rows: list[dict], out: Path) -> list[Path]:
+    """The markdown report and plot beside ``out``; README's gate table too when ``out`` is the committed
+    results file (a run into another path never touches README)."""
+    md, png = render(meta, rows, out)
+    written = [atomic_write_text(out.with_suffix(".md"), md), png]
+    readme = ROOT / "README.md"
+    if out.resolve() == (ROOT / "results" / "engine_latency").resolve() and update_readme(readme, rows):
+        written.append(readme)
+    return written
 
 
 def procs_running() -> int:

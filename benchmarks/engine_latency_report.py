@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-__all__ = ["render", "goals", "readme_gate_table"]
+__all__ = ["render", "goals", "readme_gate_table", "update_readme"]
 
 GOAL_MODELS = ("resnet18", "resnet50")
 
@@ -185,6 +185,24 @@ def readme_gate_table(rows: list[dict]) -> list[str]:
                    f"({_f(r['theoretical_speedup'])}x) | {_f(r['slim_speedup'])}x | {_f(r['ratio_to_slim'])} | "
                    f"{r.get('policy', '')} |")
     return out
+
+
+def update_readme(readme: Path, rows: list[dict]) -> bool:
+    """Rewrite README's gate table (the lines from :data:`README_GATE_HEAD` to the table's end) from ``rows``,
+    atomically; False (nothing written) when README has no such table or it is already current."""
+    from instaprune.core.io import atomic_write_text
+
+    lines = readme.read_text().split("\n")
+    if README_GATE_HEAD not in lines:
+        return False
+    start = end = lines.index(README_GATE_HEAD)
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    table = readme_gate_table(rows)
+    if lines[start:end] == table:
+        return False
+    atomic_write_text(readme, "\n".join(lines[:start] + table + lines[end:]))
+    return True
 
 
 def _load_note(rows: list[dict]) -> list[str]:
