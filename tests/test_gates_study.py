@@ -43,6 +43,9 @@ def test_resnet56_rows_follow_its_own_holdout_and_are_unique(tmp_path: Path, r56
     for target in (0.3, 0.45, 0.7, 0.8):  # every other target: ResNet-56's holdout choice beside static
         assert {v for v, t, b in rows if t == target} == {r56_best, "static"}
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
+    # the defaults' row (half static + value gates at 60%) comes right after the 70 and 80% pairs
+    assert rows[3:8] == [(r56_best, 0.7, "short"), ("static", 0.7, "short"), (r56_best, 0.8, "short"),
+                         ("static", 0.8, "short"), ("static_gates_value", 0.6, "short")]
     names = [s.name for s in g.stages("resnet56", tmp_path)]
     assert len(names) == len(set(names))
     # every gated trained row has its slim-off row and both are evaluated
@@ -59,6 +62,9 @@ def test_resnet20_rows_are_unique_and_long_rows_use_the_choice(tmp_path: Path):
     assert len(rows) == len(set(rows))
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
     assert {v for v, t, b in rows if t == 0.7} == {"gates_value", "static"}
+    # 60% at both budgets before the other targets
+    first_other = min(i for i, (v, t, b) in enumerate(rows) if t != 0.6)
+    assert max(i for i, (v, t, b) in enumerate(rows) if b == "long") < first_other
 
 
 def _row(variant: str, target: float, budget: str, top1: float, red: float, diff: float | None = None) -> dict:
