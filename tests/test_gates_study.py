@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import bench_module
 
 common = bench_module("_common")
+bench_module("cifar10_study")  # report() imports its paired bootstrap as a sibling
 g = bench_module("cifar10_gates")
 
 
@@ -97,3 +99,46 @@ def test_goals_judge_planned_rows_and_add_up_the_recorded_cost(tmp_path: Path):
     assert "| resnet20 | all | pending (no row yet) | - |" in md
     assert "1.5 CPU hours recorded (resnet56 1.5; resnet20 0.0), plus 2.0 wall hours of 1 early stages" in md
     assert md.count("| so far |") == 1  # planned rows are missing: the budget is judged so far
+
+
+def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp_path: Path, monkeypatch):
+    """``report`` on a tiny stage tree: the gated row's test top-1 and paired difference to static, and the part of
+    its cut that is static (0 for gates alone, the slim-off plan's static reduction for its slim-off row)."""
+    monkeypatch.chdir(tmp_path)  # no adapted baseline here: the report says so (None), it does not fail
+    work, results = tmp_path / "work", tmp_path / "results"
+    results.mkdir()
+    w = work / "resnet20"
+    rng = np.random.default_rng(0)
+    static_correct = rng.random(400) < 0.85
+    gated_correct = static_correct.copy()
+    gated_correct[:20] = False  # 20 of 400 images fewer right than static: -0.05 (minus any already wrong)
+
+    def stage(name: str, files: dict[str, dict]) -> None:
+        (w / name).mkdir(parents=True)
+        for f, d in files.items():
+            (w / name / f).write_text(json.dumps(d))
+
+    stage("static_0.6_short", {"metrics.json": {"val_top1": 0.87}})
+    stage("ev_static_0.6_short", {"metrics.json": {"dense_top1": float(static_correct.mean())}})
+    np.savez(w / "ev_static_0.6_short" / "per_image.npz", dense_correct=static_correct)
+    stage("gates_value_0.6_short", {"metrics.json": {"calibration": {"top1": 0.86}},
+                                    "plan.json": {"gates": {"static": None}}})
+    stage("slimoff_gates_value_0.6_short", {"plan.json": {"calibration": {"top1": 0.861},
+                                                          "gates": {"static": {"flops_reduction": 0.55}}}})
+    for name in ("ev_gates_value_0.6_short", "ev_slimoff_gates_value_0.6_short"):
+        stage(name, {"metrics.json": {"dense_top1": 0.88, "top1": float(gated_correct.mean()),
+                                      "flops_reduction": 0.6}})
+        np.savez(w / name / "per_image.npz", correct=gated_correct, flops=np.full(400, 1.0))
+    g.report("resnet20", work, results)
+    rows = {r["variant"]: r for r in json.loads((results / "cifar10_gates_resnet20.json").read_text())["rows"]}
+    assert set(rows) == {"static", "gates_value", "gates_value+slimoff"}
+    assert rows["static"]["static_reduction"] is None and "minus_static" not in rows["static"]
+    assert rows["gates_value"]["static_reduction"] == 0.0
+    assert rows["gates_value+slimoff"]["static_reduction"] == 0.55
+    want = float(gated_correct.mean() - static_correct.mean())
+    diff = rows["gates_value"]["minus_static"]
+    assert diff["diff"] == pytest.approx(want) and want < 0
+    assert diff["ci95"][0] <= want <= diff["ci95"][1]
+    assert rows["gates_value+slimoff"]["holdout_top1"] == 0.861
+    md = (results / "cifar10_gates_resnet20.md").read_text()
+    assert "| of it static |" in md and "| 0.550 |" in md
