@@ -259,6 +259,91 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only:
     return atomic_write_json(w / "latency.json", {"meta": meta, "rows": out_rows})
 
 
+# ------------------------------------------------------------------------------------------------ frozen
+#: usage bounds of a "switching" channel: kept for more than 1% and fewer than 99% of the holdout images
+SWITCHING = (0.01, 0.99)
+
+
+def frozen_masks(usage: dict[str, Any]) -> dict[str, Any]:
+    """Per gate, the static mask of its ``k`` most used channels, ``k`` = its mean kept count (the sum of the
+    channels' usage fractions, rounded, at least 1): the frozen selection with the gates' mean MACs."""
+    import torch
+
+    out = {}
+    for n, u in usage.items():
+        k = max(1, round(float(u.sum())))
+        out[n] = torch.zeros_like(u, dtype=torch.bool).scatter(0, torch.topk(u, k).indices, True)
+    return out
+
+
+def frozen(model: str, work: Path, new_only: bool = False) -> Path:
+    """What the per-image selection is worth: every trained gated row's test top-1 against the same network with
+    each gate frozen at the channels it keeps most often on the holdout (the k most used, k = its mean kept count
+    there: the same mean MACs; no retraining; value gates keep their per-image scale, hard gates become static),
+    paired per test image (bootstrap CI). Also the share of gated channels that switch (kept for 1-99% of the
+    holdout images). Both the gated and the frozen model are scored in this run (the gated one must match its
+    ``ev_`` stage). Writes ``frozen.json`` in the model's study directory."""
+    import torch
+
+    from cifar10_study import paired_bootstrap
+    from instaprune.core.io import atomic_write_json
+    from instaprune.data.datasets import iterate_batches
+    from instaprune.method.gates import channel_usage, find_gates, gated_from_plan
+    from instaprune.method.plan import Plan
+    from instaprune.pipeline.stages import cached_batches, load_model, load_split
+
+    torch.set_num_threads(1)
+    w = work / model
+    old = _load(w / "frozen.json") if new_only else None
+    out_rows = list(old["rows"]) if old is not None else []
+    have = {(r["variant"], r["target"], r["budget"]) for r in out_rows}
+    meta = run_meta("cifar10_gates.py", ["frozen", "--model", model] + (["--new-only"] if new_only else []),
+                    model=model, threads=1, switching=SWITCHING)
+    held = test = None
+    for variant, target, budget, name in reported(model, work):
+        ev = load_metrics(w / f"ev_{name}" / "metrics.json")
+        ckpt = _weights(w / name)
+        if (variant.endswith("+slimoff") or variant in STATIC or (variant, target, budget) in have or ev is None
+                or ckpt is None):
+            continue
+        lm = load_model(model, ckpt)
+        if held is None:
+            held = cached_batches(load_split(TRAIN_DATA, lm.pre, HOLDOUT, "holdout", 0), lm.pre)
+            test = [(x, y) for x, y, _ in iterate_batches(load_split(TEST_DATA, lm.pre), 256, lm.pre.mean,
+                                                          lm.pre.std)]
+        plan = Plan.load(w / name / "plan.json")
+        net = lm.model.eval()
+        gated = gated_from_plan(net, find_gates(net, held[0][0][:1]), plan.gates, plan.scale)
+        try:
+            with torch.inference_mode():
+                usage = channel_usage(gated, held)
+                fixed = frozen_masks(usage)
+                correct: dict[str, list[torch.Tensor]] = {"gated": [], "frozen": []}
+                for x, y in test:
+                    gated.forced = None
+                    correct["gated"].append(gated(x).argmax(1) == y)
+                    gated.forced = {n: m.expand(len(x), -1) for n, m in fixed.items()}
+                    correct["frozen"].append(gated(x).argmax(1) == y)
+        finally:
+            gated.forced = None
+            gated.remove()
+        a, b = (torch.cat(correct[k]).numpy().astype(float) for k in ("gated", "frozen"))
+        if abs(a.mean() - ev["top1"]) > 5e-4:  # a few images may flip with the thread count, no more
+            raise SystemExit(f"cifar10_gates: {name}: gated top-1 {a.mean():.4f} here, {ev['top1']:.4f} in its "
+                             "ev_ stage: not the same model, plan or test split")
+        lo, hi = paired_bootstrap(a, b)
+        u = torch.cat(list(usage.values()))
+        out_rows.append({"variant": variant, "target": target, "budget": budget,
+                         "multiplier": plan.gates.config.multiplier, "gated_top1": float(a.mean()),
+                         "frozen_top1": float(b.mean()), "gated_minus_frozen": {"diff": float(a.mean() - b.mean()),
+                                                                               "ci95": [lo, hi]},
+                         "switching_channels": float(((u > SWITCHING[0]) & (u < SWITCHING[1])).double().mean()),
+                         "gated_channels": int(u.numel())})
+    if old is not None:
+        meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
+    return atomic_write_json(w / "frozen.json", {"meta": meta, "rows": out_rows})
+
+
 # ------------------------------------------------------------------------------------------------ report
 def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     from cifar10_study import paired_bootstrap  # the first study's paired bootstrap (10,000 resamples)
@@ -360,6 +445,23 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                       f"{_f(x.get('b1_ratio_to_slim'), 2)} | {x['b32_dense_ms']:.2f} | {x['b32_row_ms']:.2f} | "
                       f"{_f(x.get('b32_slim_ms'), 2)} | {x['b32_speedup']:.2f}x | "
                       f"{_f(x.get('b32_ratio_to_slim'), 2)} |")
+    fz = _load(w / "frozen.json")  # this script's frozen-gates run (python benchmarks/cifar10_gates.py frozen)
+    if fz is not None:
+        runs = [*fz["meta"].get("earlier", []), fz["meta"]]
+        said = "; ".join(f"`{m['command']}`, commit {m.get('commit', '?')[:7]}, {m.get('date', '')[:10]}"
+                         for m in runs)
+        md += ["", f"What the per-image selection is worth ({said}): each gated row against the same network with "
+               "every gate frozen at the channels it keeps most often on the holdout (same mean MACs, no "
+               "retraining; hard gates become static, value gates keep their per-image scale), paired on the test "
+               f"split; switching = share of the gated channels kept for {SWITCHING[0]:.0%}-{SWITCHING[1]:.0%} of "
+               "the holdout images.", "",
+               "| row | target | budget | multiplier | gated top-1 | frozen top-1 | gated minus frozen [95% CI] | "
+               "switching |", "|---" * 8 + "|"]
+        for r in fz["rows"]:
+            d = r["gated_minus_frozen"]
+            md.append(f"| {r['variant']} | {r['target']} | {r['budget']} | {r['multiplier']} | "
+                      f"{r['gated_top1']:.4f} | {r['frozen_top1']:.4f} | {100 * d['diff']:+.2f} "
+                      f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {r['switching_channels']:.3f} |")
     path = atomic_write_text(results / f"cifar10_gates_{model}.md", "\n".join(md) + "\n")
     _plot(table, results / f"cifar10_gates_{model}.png", model, meta["baseline_top1"])
     return path
@@ -534,7 +636,7 @@ def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
 @one_line_errors("cifar10_gates")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("run", "status", "report", "latency"))
+    ap.add_argument("action", choices=("run", "status", "report", "latency", "frozen"))
     ap.add_argument("--model", choices=("resnet20", "resnet56"), required=True)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--lanes", type=int, default=2)
@@ -544,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--images", type=int, default=200, help="latency: batch-1 test images")
     ap.add_argument("--pairs", type=int, default=7, help="latency: alternating rounds at batch 32")
-    ap.add_argument("--new-only", action="store_true", help="latency: time only the rows latency.json lacks")
+    ap.add_argument("--new-only", action="store_true", help="latency / frozen: only the rows latency.json / "
+                    "frozen.json lacks")
     a = ap.parse_args(argv)
     if Path.cwd().resolve() != ROOT:
         raise SystemExit(f"cifar10_gates: run from the repository root ({ROOT})")
@@ -553,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.action == "latency":
         print(latency(a.model, a.work, a.images, a.pairs, a.new_only))
+        return 0
+    if a.action == "frozen":
+        print(frozen(a.model, a.work, a.new_only))
         return 0
     if a.action == "report":
         from cifar10_study import write_results_md  # RESULTS.md opens with study 2 (this script's tables)

@@ -142,3 +142,17 @@ def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp
     assert rows["gates_value+slimoff"]["holdout_top1"] == 0.861
     md = (results / "cifar10_gates_resnet20.md").read_text()
     assert "| of it static |" in md and "| 0.550 |" in md
+
+
+def test_frozen_masks_keep_each_gates_most_used_channels_at_its_mean_count():
+    import torch
+
+    usage = {"a": torch.tensor([0.9, 0.05, 1.0, 0.55, 0.5]),  # mean kept count 3.0: channels 2, 0, 3
+             "b": torch.tensor([0.0, 0.004, 0.001]),  # almost never kept: still one channel (the most used)
+             "c": torch.tensor([1.0, 1.0])}
+    m = g.frozen_masks(usage)
+    assert m["a"].tolist() == [True, False, True, True, False]
+    assert m["b"].tolist() == [False, True, False]
+    assert m["c"].tolist() == [True, True]
+    for n, u in usage.items():  # the same mean MACs: the kept count is the mean kept count, rounded
+        assert int(m[n].sum()) == max(1, round(float(u.sum())))
