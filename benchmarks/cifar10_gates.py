@@ -175,6 +175,31 @@ def status(model: str, work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- latency
+def _kept(path: Path, new_only: bool) -> tuple[dict[str, Any] | None, list[dict], set[tuple]]:
+    """An analysis run's earlier file (``--new-only``: its rows are kept, only the missing ones are run): the
+    file, its rows and their (variant, target, budget); nothing without ``new_only``."""
+    old = _load(path) if new_only else None
+    rows_ = list(old["rows"]) if old is not None else []
+    return old, rows_, {(r["variant"], r["target"], r["budget"]) for r in rows_}
+
+
+def _written(path: Path, meta: dict[str, Any], rows_: list[dict], old: dict[str, Any] | None) -> Path:
+    """Write an analysis run's rows with its meta; an earlier run's meta (and its earlier ones) go to
+    ``meta.earlier``, so each kept row's run stays on record."""
+    from instaprune.core.io import atomic_write_json
+
+    if old is not None:
+        meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
+    return atomic_write_json(path, {"meta": meta, "rows": rows_})
+
+
+def _runs_said(meta: dict[str, Any]) -> tuple[int, str]:
+    """How many runs made an analysis file, and each one's command, commit, torch version and date."""
+    runs = [*meta.get("earlier", []), meta]
+    return len(runs), "; ".join(f"`{m['command']}`, commit {m.get('commit', '?')[:7]}, torch {m.get('torch')}, "
+                                f"{m.get('date', '')[:10]}" for m in runs)
+
+
 def _weights(out: Path) -> Path | None:
     for name in ("model.safetensors", "model.pt"):
         if (out / name).is_file():
@@ -194,7 +219,6 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only:
 
     import torch
 
-    from instaprune.core.io import atomic_write_json
     from instaprune.data.datasets import iterate_batches
     from instaprune.engine.bench import dense_models, fastest, per_call_latency, slim_of_plan, time_alternating
     from instaprune.engine.dynamic import to_dynamic
@@ -215,9 +239,7 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only:
         return best, forms[best]
 
     dense_form, dense = fastest_form(base.model)
-    old = _load(w / "latency.json") if new_only else None
-    out_rows = list(old["rows"]) if old is not None else []
-    have = {(r["variant"], r["target"], r["budget"]) for r in out_rows}
+    old, out_rows, have = _kept(w / "latency.json", new_only)
     meta = run_meta("cifar10_gates.py", ["latency", "--model", model, "--images", str(images), "--pairs",
                                          str(pairs)] + (["--new-only"] if new_only else []), model=model, threads=1)
     for variant, target, budget, name in reported(model, work):
@@ -254,9 +276,7 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only:
             if "slim" in fns:
                 row[f"{b}_ratio_to_slim"] = row[f"{b}_row_ms"] / row[f"{b}_slim_ms"]
         out_rows.append(row)
-    if old is not None:
-        meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
-    return atomic_write_json(w / "latency.json", {"meta": meta, "rows": out_rows})
+    return _written(w / "latency.json", meta, out_rows, old)
 
 
 # ------------------------------------------------------------------------------------------------ frozen
@@ -286,17 +306,13 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
     import torch
 
     from cifar10_study import paired_bootstrap
-    from instaprune.core.io import atomic_write_json
-    from instaprune.data.datasets import iterate_batches
     from instaprune.method.gates import channel_usage, find_gates, gated_from_plan
     from instaprune.method.plan import Plan
     from instaprune.pipeline.stages import cached_batches, load_model, load_split
 
     torch.set_num_threads(1)
     w = work / model
-    old = _load(w / "frozen.json") if new_only else None
-    out_rows = list(old["rows"]) if old is not None else []
-    have = {(r["variant"], r["target"], r["budget"]) for r in out_rows}
+    old, out_rows, have = _kept(w / "frozen.json", new_only)
     meta = run_meta("cifar10_gates.py", ["frozen", "--model", model] + (["--new-only"] if new_only else []),
                     model=model, threads=1, switching=SWITCHING)
     held = test = None
@@ -309,8 +325,7 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
         lm = load_model(model, ckpt)
         if held is None:
             held = cached_batches(load_split(TRAIN_DATA, lm.pre, HOLDOUT, "holdout", 0), lm.pre)
-            test = [(x, y) for x, y, _ in iterate_batches(load_split(TEST_DATA, lm.pre), 256, lm.pre.mean,
-                                                          lm.pre.std)]
+            test = cached_batches(load_split(TEST_DATA, lm.pre), lm.pre)
         plan = Plan.load(w / name / "plan.json")
         net = lm.model.eval()
         gated = gated_from_plan(net, find_gates(net, held[0][0][:1]), plan.gates, plan.scale)
@@ -339,9 +354,7 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
                                                                                "ci95": [lo, hi]},
                          "switching_channels": float(((u > SWITCHING[0]) & (u < SWITCHING[1])).double().mean()),
                          "gated_channels": int(u.numel())})
-    if old is not None:
-        meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
-    return atomic_write_json(w / "frozen.json", {"meta": meta, "rows": out_rows})
+    return _written(w / "frozen.json", meta, out_rows, old)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -426,14 +439,12 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
     if lat is not None:
-        runs = [*lat["meta"].get("earlier", []), lat["meta"]]
-        said = "; ".join(f"`{lm['command']}`, commit {lm.get('commit', '?')[:7]}, torch {lm.get('torch')}, "
-                         f"{lm.get('date', '')[:10]}" for lm in runs)
+        n_runs, said = _runs_said(lat["meta"])
         md += ["", f"Latency at 1 thread ({said}): batch 1 = mean ms per image over the sampled test "
                "images, batch 32 = median ms per batch; dense = the adapted baseline, slim = the statically slimmed "
                "model of the row's mean MACs (static rows are slim themselves); each row's models timed "
                "alternating in one run" + (" (later runs timed only the rows the earlier lacked)."
-                                           if len(runs) > 1 else "."), "",
+                                           if n_runs > 1 else "."), "",
                "| row | target | budget | b1 dense | b1 row | b1 slim | b1 speedup | b1 row/slim | b32 dense | "
                "b32 row | b32 slim | b32 speedup | b32 row/slim |", "|---" * 13 + "|"]
         for r in table:
@@ -447,9 +458,7 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                       f"{_f(x.get('b32_ratio_to_slim'), 2)} |")
     fz = _load(w / "frozen.json")  # this script's frozen-gates run (python benchmarks/cifar10_gates.py frozen)
     if fz is not None:
-        runs = [*fz["meta"].get("earlier", []), fz["meta"]]
-        said = "; ".join(f"`{m['command']}`, commit {m.get('commit', '?')[:7]}, {m.get('date', '')[:10]}"
-                         for m in runs)
+        _, said = _runs_said(fz["meta"])
         md += ["", f"What the per-image selection is worth ({said}): each gated row against the same network with "
                "every gate frozen at the channels it keeps most often on the holdout (same mean MACs, no "
                "retraining; hard gates become static, value gates keep their per-image scale), paired on the test "
