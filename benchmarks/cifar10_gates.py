@@ -186,8 +186,11 @@ def _kept(path: Path, new_only: bool) -> tuple[dict[str, Any] | None, list[dict]
 def _written(path: Path, meta: dict[str, Any], rows_: list[dict], old: dict[str, Any] | None) -> Path:
     """Write an analysis run's rows with its meta; an earlier run's meta (and its earlier ones) go to
     ``meta.earlier``, so each kept row's run stays on record."""
+    from instaprune.core.errors import ConfigError
     from instaprune.core.io import atomic_write_json
 
+    if not rows_:  # nothing measured and nothing kept: no empty file (a wrong --work, or no trained row yet)
+        raise ConfigError(f"no row to write in {path.parent} (no trained row with weights there)")
     if old is not None:
         meta["earlier"] = old["meta"].pop("earlier", []) + [old["meta"]]
     return atomic_write_json(path, {"meta": meta, "rows": rows_})

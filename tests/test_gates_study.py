@@ -156,3 +156,11 @@ def test_frozen_masks_keep_each_gates_most_used_channels_at_its_mean_count():
     assert m["c"].tolist() == [True, True]
     for n, u in usage.items():  # the same mean MACs: the kept count is the mean kept count, rounded
         assert int(m[n].sum()) == max(1, round(float(u.sum())))
+
+
+def test_frozen_with_no_trained_row_fails_in_one_line_and_writes_nothing(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(g.ROOT)  # the script runs from the repository root
+    code = g.main(["frozen", "--model", "resnet20", "--work", str(tmp_path)])  # an empty study directory
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cifar10_gates: error: no row to write in"), err
+    assert not any(tmp_path.rglob("*"))
