@@ -45,9 +45,10 @@ def test_resnet56_rows_follow_its_own_holdout_and_are_unique(tmp_path: Path, r56
     for target in (0.3, 0.45, 0.7, 0.8):  # every other target: ResNet-56's holdout choice beside static
         assert {v for v, t, b in rows if t == target} == {r56_best, "static"}
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
-    # the defaults' row (half static + value gates at 60%) comes right after the 70 and 80% pairs
-    assert rows[3:8] == [(r56_best, 0.7, "short"), ("static", 0.7, "short"), (r56_best, 0.8, "short"),
-                         ("static", 0.8, "short"), ("static_gates_value", 0.6, "short")]
+    # the defaults' rows (half and three quarters static + value gates at 60%) come right after the 70 and 80% pairs
+    assert rows[3:9] == [(r56_best, 0.7, "short"), ("static", 0.7, "short"), (r56_best, 0.8, "short"),
+                         ("static", 0.8, "short"), ("static_gates_value", 0.6, "short"),
+                         ("static3q_gates_value", 0.6, "short")]
     names = [s.name for s in g.stages("resnet56", tmp_path)]
     assert len(names) == len(set(names))
     # every gated trained row has its slim-off row and both are evaluated
@@ -64,9 +65,21 @@ def test_resnet20_rows_are_unique_and_long_rows_use_the_choice(tmp_path: Path):
     assert len(rows) == len(set(rows))
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
     assert {v for v, t, b in rows if t == 0.7} == {"gates_value", "static"}
+    # the static-share sweep runs on ResNet-20 at 60% (short) but never becomes the options' choice
+    assert ("static3q_gates_value", 0.6, "short") in rows
+    _holdout(tmp_path, "resnet20", "static3q_gates_value", 0.99)
+    assert g.choose(tmp_path) == "gates_value" and g.rows("resnet20", tmp_path) == rows
     # 60% at both budgets before the other targets
     first_other = min(i for i, (v, t, b) in enumerate(rows) if t != 0.6)
     assert max(i for i, (v, t, b) in enumerate(rows) if b == "long") < first_other
+
+
+@pytest.mark.parametrize(("variant", "static"), [("static_gates", "0.3"), ("static3q_gates_value", "0.45"),
+                                                 ("static", "0.6"), ("gates_value", None)])
+def test_static_share_words_become_that_share_of_the_target(variant: str, static: str | None):
+    args = g.train_args("resnet20", variant, 0.6, "short")
+    assert (args[args.index("--static-target") + 1] if "--static-target" in args else None) == static
+    assert ("--target" in args) == (variant not in g.STATIC)
 
 
 def _row(variant: str, target: float, budget: str, top1: float, red: float, diff: float | None = None) -> dict:
