@@ -10,7 +10,8 @@ import this module as ``_common`` (and everything else from the installed ``inst
 output directory, up to N at once. A stage is done when ``done.json`` (written by :func:`run_stage` on success) or
 its result file exists. Its cost (wall and CPU seconds, summed over attempts) is in ``cost.json``, written every
 ``COST_POLL_S`` while it runs, so an attempt killed with a session still counts. A stage whose output directory
-another live process writes (its ``--output-dir`` on that process's command line) is busy and not started twice.
+another live process writes (its ``--output-dir`` on that process's command line) is busy and not started twice:
+the runner adopts it (:func:`adopt_stage`: a stopped runner's child lives on; its cost is recorded on to its end).
 On success the stage's step checkpoints are deleted: they only serve resuming and are never committed.
 
 **Stage files** (:func:`load_metrics`, :func:`load_cost`, :func:`load_failed`, :func:`load_plan`,
@@ -42,10 +43,10 @@ from instaprune.core.config import convert_value
 from instaprune.core.errors import ConfigError, DataError, InstapruneError
 from instaprune.core.io import atomic_write_json
 
-__all__ = ["ROOT", "git", "run_meta", "Stage", "stage_command", "recorded_args", "run_stage", "cost_of",
-           "run_lanes", "busy_dirs", "is_busy", "COST_POLL_S", "StageFileError", "Field", "METRICS_FIELDS",
-           "COST_FIELDS", "FAILED_FIELDS", "BENCHMARK_FIELDS", "PLAN_FIELDS", "HISTORY_FIELDS", "load_metrics",
-           "load_cost", "load_failed", "load_benchmark", "load_history", "load_plan", "one_line_errors"]
+__all__ = ["ROOT", "git", "run_meta", "Stage", "stage_command", "recorded_args", "run_stage", "cost_of", "run_lanes",
+           "adopt_stage", "busy_procs", "busy_dirs", "is_busy", "COST_POLL_S", "StageFileError", "Field",
+           "METRICS_FIELDS", "COST_FIELDS", "FAILED_FIELDS", "BENCHMARK_FIELDS", "PLAN_FIELDS", "HISTORY_FIELDS",
+           "load_metrics", "load_cost", "load_failed", "load_benchmark", "load_history", "load_plan", "one_line_errors"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_SCRIPT = Path(__file__).resolve().parent / "cifar10_study.py"  # script stages run ``cifar10_study.py ...``
@@ -90,18 +91,24 @@ class Stage:
         return (self.out / "done.json").is_file() or (self.out / self.done_file).is_file()
 
 
-def busy_dirs() -> set[str]:
-    """The ``--output-dir`` values on the command lines of live processes other than this one (one /proc scan)."""
-    dirs: set[str] = set()
+def busy_procs() -> dict[str, int]:
+    """The ``--output-dir`` values on the command lines of live processes other than this one, each with its
+    process id (one /proc scan)."""
+    procs: dict[str, int] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
                 argv = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            dirs.update(argv[i + 1].decode(errors="replace") for i, a in enumerate(argv[:-1])
-                        if a == b"--output-dir")
-    return dirs
+            procs.update((argv[i + 1].decode(errors="replace"), int(d.name)) for i, a in enumerate(argv[:-1])
+                         if a == b"--output-dir")
+    return procs
+
+
+def busy_dirs() -> set[str]:
+    """The ``--output-dir`` values on the command lines of live processes other than this one (one /proc scan)."""
+    return set(busy_procs())
 
 
 def is_busy(out: Path, dirs: set[str] | None = None) -> bool:
@@ -139,6 +146,24 @@ def recorded_args(out: Path) -> list[str]:
     return cmd[head:cmd.index("--output-dir")]
 
 
+def _record(s: Stage, prev: tuple[float, float], seconds: float, cpu: float, threads: int | None,
+            cmd: list[str], **extra: object) -> dict:
+    """Write the stage's ``cost.json``: the earlier attempts' wall and CPU seconds ``prev`` plus this attempt's."""
+    # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
+    rec = {"seconds": prev[0] + seconds, "cpu_seconds": prev[1] + cpu, "threads": threads, "command": cmd,
+           "cpu_seconds_last_attempt": cpu, **extra}
+    atomic_write_json(s.out / "cost.json", rec)
+    return rec
+
+
+def _finish(s: Stage, rec: dict) -> None:
+    """A successful stage: no failure record, its step checkpoints deleted (only for resuming), ``done.json``."""
+    (s.out / "failed.json").unlink(missing_ok=True)
+    for ck in (s.out / "checkpoint.pt", *s.out.glob("*/checkpoint.pt")):
+        ck.unlink(missing_ok=True)
+    atomic_write_json(s.out / "done.json", {**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
 def run_stage(s: Stage, threads: int, dry: bool) -> float:
     cmd = stage_command(s)
     print(time.strftime("%H:%M:%S ") + ("DRY " if dry else "") + " ".join(cmd[1:]), flush=True)
@@ -146,16 +171,8 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
         return 0.0
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     s.out.mkdir(parents=True, exist_ok=True)
-    cost = s.out / "cost.json"
-    old = load_cost(cost) or {}
-    prev, prev_cpu = old.get("seconds", 0.0), old.get("cpu_seconds") or 0.0
-    def record(seconds: float, cpu: float, **extra: object) -> dict:
-        # wall seconds include pauses (SIGSTOP for timing runs) and sharing the cores; CPU seconds are the work
-        rec = {"seconds": prev + seconds, "cpu_seconds": prev_cpu + cpu, "threads": threads, "command": cmd[1:],
-               "cpu_seconds_last_attempt": cpu, **extra}
-        atomic_write_json(cost, rec)
-        return rec
-
+    old = load_cost(s.out / "cost.json") or {}
+    prev = (old.get("seconds", 0.0), old.get("cpu_seconds") or 0.0)
     t0 = time.perf_counter()
     with open(s.log, "a") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -163,20 +180,61 @@ def run_stage(s: Stage, threads: int, dry: bool) -> float:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)  # this child's own CPU time, also beside other lanes
             if pid:
                 break
-            record(time.perf_counter() - t0, _proc_cpu(p.pid), in_progress=True)
+            _record(s, prev, time.perf_counter() - t0, _proc_cpu(p.pid), threads, cmd[1:], in_progress=True)
             time.sleep(COST_POLL_S)
         p.returncode = os.waitstatus_to_exitcode(status)
     seconds, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
-    r = p
-    rec = record(seconds, cpu)
-    if r.returncode != 0:  # recorded; the runner goes on with stages that do not depend on it (retried next run)
-        atomic_write_json(s.out / "failed.json", {**rec, "exit": r.returncode, "log": str(s.log)})
-        print(f"stage {s.name} failed (exit {r.returncode}); see {s.log}", flush=True)
+    rec = _record(s, prev, seconds, cpu, threads, cmd[1:])
+    if p.returncode != 0:  # recorded; the runner goes on with stages that do not depend on it (retried next run)
+        atomic_write_json(s.out / "failed.json", {**rec, "exit": p.returncode, "log": str(s.log)})
+        print(f"stage {s.name} failed (exit {p.returncode}); see {s.log}", flush=True)
         return seconds
-    (s.out / "failed.json").unlink(missing_ok=True)
-    for ck in (s.out / "checkpoint.pt", *s.out.glob("*/checkpoint.pt")):  # step checkpoints: only for resuming
-        ck.unlink(missing_ok=True)
-    atomic_write_json(s.out / "done.json", {**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _finish(s, rec)
+    return seconds
+
+
+def _proc_start(pid: int) -> float | None:
+    """When a live process started (UTC epoch seconds), from /proc; None if it is gone (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # ended, not yet reaped by its parent
+            return None
+        ticks = int(fields[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                     if ln.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def adopt_stage(s: Stage, pid: int, poll: float | None = None) -> float:
+    """Go on recording the cost of a stage that process ``pid`` runs for a runner that was stopped (its child
+    lives on): CPU from /proc every ``poll`` seconds until the process ends, then the record is closed (to the
+    last poll: a non-child's final CPU time cannot be waited for; ``adopted`` says so) and, if the stage's
+    result is there, the stage is finished as :func:`run_stage` does (``poll``: :data:`COST_POLL_S` unless
+    given). Returns the attempt's wall seconds."""
+    poll = COST_POLL_S if poll is None else poll
+    start = _proc_start(pid)
+    if start is None:
+        return 0.0
+    print(time.strftime("%H:%M:%S ") + f"adopted {s.name} (process {pid})", flush=True)
+    cost = s.out / "cost.json"
+    old = load_cost(cost) or {}
+    prev = (old.get("seconds", 0.0), old.get("cpu_seconds") or 0.0)
+    if old.get("in_progress") and cost.stat().st_mtime >= start:  # the stopped runner's record of this attempt
+        prev = (prev[0] - (cost.stat().st_mtime - start), prev[1] - (old.get("cpu_seconds_last_attempt") or 0.0))
+    try:
+        cmd = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:-1]]
+    except OSError:
+        cmd = list(old.get("command") or [])
+    seconds = cpu = 0.0
+    while _proc_start(pid) == start:  # the same process (a pid is not reused while it lives)
+        seconds, cpu = time.time() - start, max(cpu, _proc_cpu(pid))
+        _record(s, prev, seconds, cpu, old.get("threads"), cmd, in_progress=True, adopted=True)
+        time.sleep(poll)
+    rec = _record(s, prev, seconds, cpu, old.get("threads"), cmd, adopted=True)
+    if s.done():
+        _finish(s, rec)
     return seconds
 
 
@@ -220,12 +278,17 @@ def run_lanes(build: Callable[[], tuple[object, list[Stage]]], workdir: Path, la
         while True:  # the plan grows as choices are made on the holdout; up to lanes stages at once
             _, plan = build()
             by_name = {s.name: s for s in plan}
-            busy = busy_dirs()
+            busy = busy_procs()
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(only)
                      and s.quiet == latency and s.name not in ran
-                     and all(d in by_name and by_name[d].done() for d in s.deps) and not is_busy(s.out, busy)]
-            # stages of this model that other processes run (an earlier runner's children) take lanes too
-            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and is_busy(s.out, busy))
+                     and all(d in by_name and by_name[d].done() for d in s.deps) and not is_busy(s.out, set(busy))]
+            # stages of this plan that other processes run (a stopped runner's children) take lanes too: adopted
+            # (their cost recorded on), unless another live runner holds them (it has this lock: not here)
+            for s in plan:
+                if s.name not in ran and not s.done() and str(s.out) in busy and not dry:
+                    ran.add(s.name)
+                    running[pool.submit(adopt_stage, s, busy[str(s.out)])] = s.name
+            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and is_busy(s.out, set(busy)))
             for s in ready[: max(lanes - len(running) - foreign, 0)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, threads, dry)] = s.name

@@ -215,7 +215,7 @@ def test_stage_cost_survives_a_killed_attempt_and_accumulates(tmp_path, monkeypa
 
     st = common
 
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n"
     monkeypatch.setattr(st, "stage_command", lambda s: [sys.executable, "-c", burn, "--output-dir", str(s.out)])
     monkeypatch.setattr(st, "COST_POLL_S", 0.05)
     s = st.Stage("x", [], tmp_path / "x", "metrics.json")
@@ -247,3 +247,39 @@ def test_weights_manifest_lists_every_committed_weight_file():
     m = w.load_manifest()
     assert m["kept"] and all(e["path"].endswith(".safetensors") and e["command"] for e in m["kept"])
     assert w.check(m) == []
+
+
+def test_runner_adopts_a_stopped_runners_stage_and_records_its_cost_to_the_end(tmp_path, monkeypatch):
+    """A stage whose runner was stopped while its child lives on: the next runner records the child's cost on
+    (from the stopped runner's record of the attempt) and finishes the stage when the child ends."""
+    import subprocess
+    import threading
+
+    monkeypatch.setattr(common, "COST_POLL_S", 0.05)
+    out = tmp_path / "work" / "x_0.6"
+    out.mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"step")
+    burn = ("import json, sys, time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n"
+            f"open({str(out / 'metrics.json')!r}, 'w').write(json.dumps({{'top1': 0.5}}))")
+    p = subprocess.Popen([sys.executable, "-c", burn, "--output-dir", str(out)])
+    reaper = threading.Thread(target=p.wait)  # its parent (here) reaps it, as init reaps a stopped runner's child
+    reaper.start()
+    try:
+        for _ in range(50):
+            if common.is_busy(out):
+                break
+            __import__("time").sleep(0.1)
+        # the stopped runner's last record: 100 s and 40 CPU s of earlier attempts, this attempt just begun
+        (out / "cost.json").write_text(json.dumps({"seconds": 100.0, "cpu_seconds": 40.0, "threads": 1,
+                                                   "command": ["x"], "cpu_seconds_last_attempt": 0.0,
+                                                   "in_progress": True}))
+        stage = common.Stage("x_0.6", ["train"], out, "metrics.json")
+        assert common.run_lanes(lambda: (None, [stage]), tmp_path / "work", lanes=1, threads=1)
+    finally:
+        p.kill()
+        reaper.join()
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["adopted"] and "in_progress" not in cost
+    assert 40.0 + 1.0 < cost["cpu_seconds"] < 40.0 + 30 and cost["seconds"] > 100.0 + 0.3
+    assert cost["command"][-2:] == ["--output-dir", str(out)]
+    assert (out / "done.json").is_file() and not (out / "checkpoint.pt").exists()
