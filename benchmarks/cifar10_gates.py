@@ -131,9 +131,13 @@ def rows(model: str, work: Path) -> list[tuple[str, float, str]]:
     # the other targets and the long budget: the better of ResNet-56's own two gated rows at 60% on its holdout
     best56 = choose(work, model, (best, "static_gates"))
     sweep = [(v, t, "short") for t in (0.7, 0.8, 0.3, 0.45) for v in (best56, "static")]
-    # after 70-80%: the static shares ResNet-20 sweeps with its chosen value multiplier (1/2 and 3/4 of the target;
-    # none is best's row) on ResNet-56's own holdout, so the library's defaults rest on both models
-    shares = [(v, CHOICE_TARGET, "short") for v in ("static_gates_value", *LATE)]
+    # after 70-80%: the static share (with ResNet-20's value multiplier; none is best's row) on ResNet-56's own
+    # holdout, so the library's defaults rest on both models: half, and three quarters if ResNet-20's holdout
+    # ranks it above half
+    r20 = {v: holdout_top1(work / "resnet20", tag(v, CHOICE_TARGET, "short")) for v in ("static_gates_value", *LATE)}
+    more = [v for v in LATE if r20[v] is not None and r20["static_gates_value"] is not None
+            and r20[v] > r20["static_gates_value"]]
+    shares = [(v, CHOICE_TARGET, "short") for v in ("static_gates_value", *more)]
     out += sweep[:4] + shares + sweep[4:]
     out += [(v, CHOICE_TARGET, "long") for v in (best56, "static", best, "static_gates")]  # every 60% row
     return list(dict.fromkeys(out))

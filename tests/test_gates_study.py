@@ -45,10 +45,17 @@ def test_resnet56_rows_follow_its_own_holdout_and_are_unique(tmp_path: Path, r56
     for target in (0.3, 0.45, 0.7, 0.8):  # every other target: ResNet-56's holdout choice beside static
         assert {v for v, t, b in rows if t == target} == {r56_best, "static"}
     assert {v for v, t, b in rows if b == "long"} == {"gates_value", "static", "static_gates"}
-    # the defaults' rows (half and three quarters static + value gates at 60%) come right after the 70 and 80% pairs
-    assert rows[3:9] == [(r56_best, 0.7, "short"), ("static", 0.7, "short"), (r56_best, 0.8, "short"),
-                         ("static", 0.8, "short"), ("static_gates_value", 0.6, "short"),
-                         ("static3q_gates_value", 0.6, "short")]
+    # the defaults' row (half static + value gates at 60%) comes right after the 70 and 80% pairs; three quarters
+    # static only if ResNet-20's holdout ranks it above half
+    assert rows[3:8] == [(r56_best, 0.7, "short"), ("static", 0.7, "short"), (r56_best, 0.8, "short"),
+                         ("static", 0.8, "short"), ("static_gates_value", 0.6, "short")]
+    assert ("static3q_gates_value", 0.6, "short") not in rows
+    _holdout(tmp_path, "resnet20", "static_gates_value", 0.8698)
+    _holdout(tmp_path, "resnet20", "static3q_gates_value", 0.8626)
+    assert g.rows("resnet56", tmp_path) == rows
+    (tmp_path / "resnet20" / g.tag("static3q_gates_value", 0.6, "short") / "metrics.json").write_text(
+        json.dumps({"calibration": {"top1": 0.8720}}))
+    assert g.rows("resnet56", tmp_path)[8] == ("static3q_gates_value", 0.6, "short")
     names = [s.name for s in g.stages("resnet56", tmp_path)]
     assert len(names) == len(set(names))
     # every gated trained row has its slim-off row and both are evaluated
