@@ -583,6 +583,35 @@ def test_cli_lists_gates_and_recalibrates_a_gated_checkpoint(tiny_data, tmp_path
     assert abs(ev["flops_reduction"] - sp.calibration["flops_reduction"]) <= 1e-6
 
 
+@pytest.mark.parametrize(("flags", "distill"), [(["--static-target", "0.3"], 0.5),
+                                               (["--static-target", "0.3", "--distill", "0"], 0.0),
+                                               (["--gates", "--target", "0.4", "--gate-warmup-batches", "1"], 0.5),
+                                               ([], 0.0)])
+def test_cli_train_distils_gated_and_static_runs_by_default_and_records_the_weight(tiny_data, tmp_path, flags,
+                                                                                      distill):
+    """``--distill`` unset: gates and static slimming distil from the dense starting model at the study's weight
+    (0.5); the post-hoc method (no teacher) does not; the weight used is what the checkpoint records."""
+    from PIL import Image
+
+    from instaprune.cli.main import main
+
+    data, pre = tiny_data
+    folder = tmp_path / "images"
+    for i, (img, y) in enumerate(zip(data.images[:48], data.labels[:48], strict=True)):
+        (folder / data.class_names[int(y)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / data.class_names[int(y)] / f"{i}.png")
+    save_checkpoint(tmp_path / "dense.pt", _lm(pre).model, {"model_name": "tiny_resnet", "num_classes": 10,
+                                                            "preprocessing": pre.to_dict()})
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny_resnet", "--checkpoint", str(tmp_path / "dense.pt"), "--data-path",
+                 str(folder), "--holdout", "16", "--epochs", "1", "-b", "16", "--lr", "0.05", *flags,
+                 "--output-dir", str(out)]) == 0
+    assert load_model("tiny_resnet", out / "model.pt").meta["train_config"]["distill"] == distill
+    if "--gates" in flags:  # unset --static-target: half the target slimmed statically first, recorded as used
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["schedule"]["static_target"] == pytest.approx(0.2) and metrics["static"]
+
+
 def test_cli_refuses_a_gated_plan_on_weights_without_gates_and_leaves_nothing(tmp_path, capsys):
     from instaprune.cli.main import main
 

@@ -82,7 +82,7 @@ def test_resnet20_rows_are_unique_and_long_rows_use_the_choice(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("variant", "static"), [("static_gates", "0.3"), ("static3q_gates_value", "0.45"),
-                                                 ("static", "0.6"), ("gates_value", None)])
+                                                 ("static", "0.6"), ("gates_value", "0")])
 def test_static_share_words_become_that_share_of_the_target(variant: str, static: str | None):
     args = g.train_args("resnet20", variant, 0.6, "short")
     assert (args[args.index("--static-target") + 1] if "--static-target" in args else None) == static

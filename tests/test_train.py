@@ -124,6 +124,12 @@ def test_distillation_term_and_teacher_pull(small):
         train(m, data, cfg(distill=0.5), pts, pre)
     with pytest.raises(ConfigError, match="distill"):
         cfg(distill=1.5)
+    # unset: the study's weight where a teacher is there (gated and static training), none without one
+    from instaprune.training.loop import DISTILL_WITH_TEACHER
+
+    assert cfg().distill is None and DISTILL_WITH_TEACHER == 0.5
+    assert (cfg().distill_weight(True), cfg().distill_weight(False)) == (0.5, 0.0)
+    assert (cfg(distill=0.0).distill_weight(True), cfg(distill=0.3).distill_weight(False)) == (0.0, 0.3)
     # pure distillation (a = 1) from a fixed teacher moves the student's predictions towards the teacher's
     teacher, points = model_and_points()
     train(teacher, data, cfg(epochs=3, decay=FeatureDecayConfig(0.0)), points, pre)

@@ -356,6 +356,7 @@ def _cmd_train(args: argparse.Namespace, env) -> int:
 
     cfg = train_config(args)  # every option checked before anything is loaded
     gates = bool(getattr(args, "gates", False) or getattr(args, "static_target", 0))
+    cfg = replace(cfg, distill=cfg.distill_weight(teacher=gates))  # gates and static distil from the dense model
     if gates:
         gate_cfgs = _gate_configs(args) if args.gates else None
     else:

@@ -215,8 +215,8 @@ def train_opts(p: argparse.ArgumentParser) -> None:
 
 def gate_opts(p: argparse.ArgumentParser) -> None:
     from instaprune.method.gates import GATE_MULTIPLIERS, GATE_PREDICTORS, GATE_SELECTIONS, GateConfig
-    from instaprune.pipeline.gated import GateSchedule
-    from instaprune.training.loop import TrainConfig
+    from instaprune.pipeline.gated import STATIC_SHARE, GateSchedule
+    from instaprune.training.loop import DISTILL_WITH_TEACHER, TrainConfig
 
     g = p.add_argument_group("predicted gates (--gates; docs/method.md section 9)")
     add(g, "--gates", action="store_true", help="train predicted gates instead of the post-hoc rule: each image's "
@@ -238,8 +238,10 @@ def gate_opts(p: argparse.ArgumentParser) -> None:
     add(g, "--gate-allocation", bind=(GateSchedule, "allocation"), choices=("uniform", "greedy"),
         help="per-gate budgets: uniform, or greedy on the held-out split (kept only if it beats uniform there)")
     add(g, "--static-target", bind=(GateSchedule, "static_target"), help="slim statically (L1 filter pruning) to "
-        "this FLOPs reduction first, then gate the rest (0 = off; alone, without --gates: the static baseline)")
+        f"this FLOPs reduction first, then gate the rest (default: {STATIC_SHARE:g} x --target; 0 = gates only); "
+        "alone, without --gates: the static baseline")
     add(g, "--gate-slim-off", bind=(GateSchedule, "slim_off"), help="after training, remove the channels kept for "
         "fewer than this fraction of the held-out images (a static part the gates found; needs --holdout; 0 = off)")
     add(g, "--distill", bind=(TrainConfig, "distill"), help="weight of distillation from the dense starting "
-        "model, in [0, 1]")
+        f"model, in [0, 1] (default: {DISTILL_WITH_TEACHER} with --gates or --static-target, 0 = off; the post-hoc "
+        "method has no teacher)")

@@ -68,7 +68,8 @@ from instaprune.training.artifacts import (
     write_training_checkpoint,
 )
 
-__all__ = ["AUGMENTS", "CHECKPOINT_NAME", "TrainConfig", "TrainResult", "train", "evaluate_top1"]
+__all__ = ["AUGMENTS", "CHECKPOINT_NAME", "DISTILL_WITH_TEACHER", "TrainConfig", "TrainResult", "train",
+           "evaluate_top1"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _NOT_COMPARED = ("epochs", "checkpoint_every")  # may change between a run and its resumption
 #: training augmentations (``augment=None``: none): random crop (pad ``augment_pad``) + flip, or flip only
 AUGMENTS = ("cifar", "flip")
+#: distillation weight when a teacher is there and ``TrainConfig.distill`` is not set: the gated and static trainings
+#: distil from their dense starting model (study 2, ResNet-20 holdout at 60%, 6 epochs: hard gates 0.8612 with 0.5
+#: vs 0.8350 without, static L1 0.8714 vs 0.8574)
+DISTILL_WITH_TEACHER = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class TrainConfig(ConfigMixin):
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     label_smoothing: float = 0.0
-    distill: float = 0.0  # weight of the distillation term (needs a teacher): (1 - a) CE + a T^2 KL(teacher || model)
+    # weight a of distillation (needs a teacher): (1 - a) CE + a T^2 KL(teacher || model); None: distill_weight()
+    distill: float | None = None
     distill_temperature: float = 4.0
     augment: str | None = "cifar"
     augment_pad: int = 4  # zero padding of the random crop ("cifar" augmentation)
@@ -114,12 +120,19 @@ class TrainConfig(ConfigMixin):
                               f"momentum={self.momentum}")
         if self.augment is not None and self.augment not in AUGMENTS:
             raise ConfigError(f"augment must be cifar, flip or none, got {self.augment!r}")
-        if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0:
+        if (self.distill is not None and not 0.0 <= self.distill <= 1.0) or not self.distill_temperature > 0:
             raise ConfigError(f"distill must be in [0, 1] and distill_temperature > 0, got {self.distill}, "
                               f"{self.distill_temperature}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = epoch ends only), got "
                               f"{self.checkpoint_every}")
+
+    def distill_weight(self, teacher: bool) -> float:
+        """The distillation weight a run uses: ``distill`` if set, else :data:`DISTILL_WITH_TEACHER` with a
+        teacher and 0 without."""
+        if self.distill is not None:
+            return self.distill
+        return DISTILL_WITH_TEACHER if teacher else 0.0
 
 
 
@@ -195,6 +208,7 @@ class _Trainer:
         self.stop = StopOnSignal()
         self.ckpt = out / CHECKPOINT_NAME if out is not None else None
         self.teacher = teacher.eval() if teacher is not None else None
+        self.distill = cfg.distill_weight(teacher is not None)
         self.controller = controller
         self.aux = getattr(masked, "pop_aux", None)
 
@@ -300,9 +314,9 @@ class _Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     logits = ddp(x)
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    if self.teacher is not None and cfg.distill > 0:
-                        ce = (1 - cfg.distill) * ce + cfg.distill * _distill_term(logits, self.teacher, x,
-                                                                                   cfg.distill_temperature)
+                    if self.teacher is not None and self.distill > 0:
+                        ce = (1 - self.distill) * ce + self.distill * _distill_term(logits, self.teacher, x,
+                                                                                    cfg.distill_temperature)
                 reg = self.decay.pop()
                 if self.aux is not None:  # gates: predictor fit and feature decay of the gated features
                     reg = reg + self.aux()
@@ -408,7 +422,7 @@ def train(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     out = Path(out_dir) if out_dir is not None else None
-    if cfg.distill > 0 and teacher is None:
+    if cfg.distill and teacher is None:
         raise ConfigError("distill > 0 needs a teacher model")
     tr = _Trainer(model, data, cfg, points, pre, out, val, masked, progress, env, teacher, controller)
     try:
