@@ -221,8 +221,9 @@ def adopt_stage(s: Stage, pid: int, poll: float | None = None) -> float:
     cost = s.out / "cost.json"
     old = load_cost(cost) or {}
     prev = (old.get("seconds", 0.0), old.get("cpu_seconds") or 0.0)
-    if old.get("in_progress") and cost.stat().st_mtime >= start:  # the stopped runner's record of this attempt
-        prev = (prev[0] - (cost.stat().st_mtime - start), prev[1] - (old.get("cpu_seconds_last_attempt") or 0.0))
+    written = cost.stat().st_mtime if old else 0.0
+    if old.get("in_progress") and written >= start:  # the stopped runner's record of this attempt
+        prev = (prev[0] - (written - start), prev[1] - (old.get("cpu_seconds_last_attempt") or 0.0))
     try:
         cmd = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:-1]]
     except OSError:
@@ -279,16 +280,17 @@ def run_lanes(build: Callable[[], tuple[object, list[Stage]]], workdir: Path, la
             _, plan = build()
             by_name = {s.name: s for s in plan}
             busy = busy_procs()
+            dirs = set(busy)
             ready = [s for s in plan if not s.done() and s.args is not None and s.name.startswith(only)
                      and s.quiet == latency and s.name not in ran
-                     and all(d in by_name and by_name[d].done() for d in s.deps) and not is_busy(s.out, set(busy))]
+                     and all(d in by_name and by_name[d].done() for d in s.deps) and not is_busy(s.out, dirs)]
             # stages of this plan that other processes run (a stopped runner's children) take lanes too: adopted
             # (their cost recorded on), unless another live runner holds them (it has this lock: not here)
             for s in plan:
-                if s.name not in ran and not s.done() and str(s.out) in busy and not dry:
+                if s.name not in ran and not s.done() and is_busy(s.out, dirs) and not dry:
                     ran.add(s.name)
                     running[pool.submit(adopt_stage, s, busy[str(s.out)])] = s.name
-            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and is_busy(s.out, set(busy)))
+            foreign = sum(1 for s in plan if s.name not in ran and not s.done() and is_busy(s.out, dirs))
             for s in ready[: max(lanes - len(running) - foreign, 0)]:
                 ran.add(s.name)
                 running[pool.submit(run_stage, s, threads, dry)] = s.name
