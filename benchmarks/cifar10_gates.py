@@ -25,7 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from _common import ROOT, Stage, load_cost, load_failed, load_metrics, one_line_errors, run_lanes, run_meta
+from _common import (
+    ROOT,
+    Stage,
+    load_cost,
+    load_failed,
+    load_history,
+    load_metrics,
+    one_line_errors,
+    run_lanes,
+    run_meta,
+)
 
 WORK = Path("results") / "study2"  # relative to the repository root (run from there): no machine paths recorded
 FIRST = Path("results") / "study"
@@ -404,8 +414,10 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
         gplan = _load(w / name / "plan.json") if variant not in STATIC else None  # its static part: L1, slim-off
         slim = None if gplan is None else (gplan.get("gates") or {}).get("static") or {}
         slimmed = None if slim is None else slim.get("flops_reduction", 0.0)
+        fit = [e["train_top1"] for e in load_history(w / trained / "metrics.jsonl") if e.get("train_top1") is not None]
         table.append({"variant": variant, "target": target, "budget": budget,
-                      "epochs": BUDGETS[budget][model], "holdout_top1": held,
+                      "epochs": BUDGETS[budget][model], "train_top1": fit[-1] if fit else None,
+                      "holdout_top1": held,
                       "top1": ev.get("top1", ev["dense_top1"]),
                       "flops_reduction": ev.get("flops_reduction",
                                                 (load_metrics(w / trained / "metrics.json") or {}).get(
@@ -434,6 +446,8 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
             a, b = r["_correct"].astype(float), st["_correct"].astype(float)
             lo, hi = paired_bootstrap(a, b)
             r["minus_static"] = {"diff": float(a.mean() - b.mean()), "ci95": [lo, hi]}
+        if st is not None and r is not st and r["train_top1"] is not None and st["train_top1"] is not None:
+            r["train_minus_static"] = r["train_top1"] - st["train_top1"]  # how well it fits under its masks
     for r in table:
         r.pop("_correct")
         r.pop("_ev")
@@ -451,17 +465,27 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
           f"Adapted baseline top-1 {meta['baseline_top1']}; budgets in epochs after it: {BUDGETS['short'][model]} "
           f"(short), {BUDGETS['long'][model]} (long). Peers train 200-400 epochs on GPUs. \"Of it static\": the part "
           "of a gated row's FLOPs reduction made by slimming (static L1 before the gates, and the channels slim-off "
-          "removes); the rest is instance-wise.", "",
-          "| row | target | budget | holdout top-1 | test top-1 | FLOPs reduction | p90/p10 | Spearman(FLOPs, "
-          "baseline conf.) | of it static | minus static [95% CI] | wall / CPU (min) |", "|---" * 11 + "|"]
+          "removes); the rest is instance-wise. Train top-1: the last epoch's, on the augmented training images "
+          "under the row's masks (gates as trained; a slim-off row shows its trained row's).", "",
+          "| row | target | budget | train top-1 | holdout top-1 | test top-1 | FLOPs reduction | p90/p10 | "
+          "Spearman(FLOPs, baseline conf.) | of it static | minus static [95% CI] | wall / CPU (min) |",
+          "|---" * 12 + "|"]
     for r in table:
         d = r.get("minus_static")
         ds = f"{100 * d['diff']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" if d else ""
-        md.append(f"| {r['variant']} | {r['target']} | {r['budget']} ({r['epochs']}) | {_f(r['holdout_top1'])} | "
+        md.append(f"| {r['variant']} | {r['target']} | {r['budget']} ({r['epochs']}) | {_f(r['train_top1'])} | "
+                  f"{_f(r['holdout_top1'])} | "
                   f"{_f(r['top1'])} | {_f(r['flops_reduction'], 3)} | {_f(r['per_image_flops_p90_over_p10'], 2)} | "
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {_f(r['static_reduction'], 3)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
+    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r and "+" not in r["variant"]]
+    if fits:  # the trained gated rows against their static pairs: fit on the training set, and the test split
+        below = sum(r["train_minus_static"] < 0 for r in fits)
+        md += ["", f"Fit under the masks: {below} of {len(fits)} trained gated rows fit the training set less well "
+               "than static L1 of the same target and budget (train top-1 minus static's: median "
+               f"{100 * float(np.median([r['train_minus_static'] for r in fits])):+.2f} points; test top-1: median "
+               f"{100 * float(np.median([r['minus_static']['diff'] for r in fits])):+.2f})."]
     if lat is not None:
         n_runs, said = _runs_said(lat["meta"])
         md += ["", f"Latency at 1 thread ({said}): batch 1 = mean ms per image over the sampled test "

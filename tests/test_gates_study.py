@@ -139,12 +139,15 @@ def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp
             (w / name / f).write_text(json.dumps(d))
 
     stage("static_0.6_short", {"metrics.json": {"val_top1": 0.87}})
+    (w / "static_0.6_short" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_top1": 0.84}) + "\n")
     stage("ev_static_0.6_short", {"metrics.json": {"dense_top1": float(static_correct.mean())}})
     np.savez(w / "ev_static_0.6_short" / "per_image.npz", dense_correct=static_correct)
     stage("gates_value_0.6_short", {"metrics.json": {"calibration": {"top1": 0.86}},
                                     "plan.json": {"gates": {"static": None}}})
     stage("slimoff_gates_value_0.6_short", {"plan.json": {"calibration": {"top1": 0.861},
                                                           "gates": {"static": {"flops_reduction": 0.55}}}})
+    (w / "gates_value_0.6_short" / "metrics.jsonl").write_text(  # its epochs: the last one's fit is reported
+        "".join(json.dumps({"epoch": e, "train_top1": t}) + "\n" for e, t in ((1, 0.9), (2, 0.81))))
     for name in ("ev_gates_value_0.6_short", "ev_slimoff_gates_value_0.6_short"):
         stage(name, {"metrics.json": {"dense_top1": 0.88, "top1": float(gated_correct.mean()),
                                       "flops_reduction": 0.6}})
@@ -160,8 +163,14 @@ def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp
     assert diff["diff"] == pytest.approx(want) and want < 0
     assert diff["ci95"][0] <= want <= diff["ci95"][1]
     assert rows["gates_value+slimoff"]["holdout_top1"] == 0.861
+    assert rows["gates_value"]["train_top1"] == rows["gates_value+slimoff"]["train_top1"] == 0.81
+    assert rows["static"]["train_top1"] == 0.84
+    assert rows["gates_value"]["train_minus_static"] == pytest.approx(-0.03)
     md = (results / "cifar10_gates_resnet20.md").read_text()
     assert "| of it static |" in md and "| 0.550 |" in md
+    assert "| gates_value | 0.6 | short (6) | 0.8100 | 0.8600 |" in md
+    assert "1 of 1 trained gated rows fit the training set less well" in md and "median -3.00 points" in md
+    assert f"test top-1: median {100 * want:+.2f})" in md
 
 
 def test_frozen_masks_keep_each_gates_most_used_channels_at_its_mean_count():
