@@ -391,6 +391,76 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
     return _written(w / "frozen.json", meta, out_rows, old)
 
 
+# ------------------------------------------------------------------------------------------------ spread
+def spread_stats(kept: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, Any]:
+    """How per-gate per-image budgets add up. ``kept``: gate -> kept fraction per image (N,); ``weights``: gate ->
+    the MACs that scale with it. Per gate: mean, p10, p90 of its kept fraction. ``coherence``: sd of the weighted
+    sum over the sum of the weighted sds (1 = the gates vary together, as "easy images cost less" needs; about
+    1/sqrt(gates) when they vary independently, so their spreads average out; 0 when they cancel);
+    ``mean_pairwise_r``: the mean Pearson r of the gates' kept fractions over all pairs (NaN-free: constant gates
+    are left out)."""
+    names = list(kept)
+    gates = [{"name": n, "mean": float(kept[n].mean()), "p10": float(np.percentile(kept[n], 10)),
+              "p90": float(np.percentile(kept[n], 90))} for n in names]
+    sds = {n: float(kept[n].std()) for n in names}
+    total = sum(weights[n] * kept[n] for n in names)
+    denom = sum(weights[n] * sds[n] for n in names)
+    varying = [n for n in names if sds[n] > 0]
+    rs = [float(np.corrcoef(kept[a], kept[b])[0, 1]) for i, a in enumerate(varying) for b in varying[i + 1:]]
+    return {"gates": gates, "coherence": float(total.std() / denom) if denom > 0 else None,
+            "mean_pairwise_r": float(np.mean(rs)) if rs else None, "varying_gates": len(varying)}
+
+
+def spread(model: str, work: Path) -> Path:
+    """Why per-image budgets stay narrow: every trained row with threshold gates, on the test split: each gate's
+    kept fraction per image and how the gates add up (:func:`spread_stats`, weighted by the MACs of each gate's
+    producers and consumer), beside the per-image MACs' p90/p10. Writes ``spread.json``."""
+    import torch
+
+    from instaprune.method.gates import find_gates, gated_from_plan
+    from instaprune.method.plan import Plan
+    from instaprune.pipeline.stages import cached_batches, load_model, load_split
+
+    torch.set_num_threads(1)
+    w = work / model
+    meta = run_meta("cifar10_gates.py", ["spread", "--model", model], model=model, threads=1)
+    out_rows, test = [], None
+    for variant, target, budget, name in reported(model, work):
+        ckpt = _weights(w / name)
+        if variant.endswith("+slimoff") or variant in STATIC or ckpt is None or not (w / name / "plan.json").is_file():
+            continue
+        plan = Plan.load(w / name / "plan.json")
+        if plan.gates.config.selection != "threshold":
+            continue
+        lm = load_model(model, ckpt)
+        if test is None:
+            test = cached_batches(load_split(TEST_DATA, lm.pre), lm.pre)
+        net = lm.model.eval()
+        gated = gated_from_plan(net, find_gates(net, test[0][0][:1]), plan.gates, plan.scale)
+        kept: dict[str, list[torch.Tensor]] = {s.name: [] for s in gated.gates}
+        macs: list[torch.Tensor] = []
+        try:
+            with torch.inference_mode():
+                for x, _ in test:
+                    gated(x)
+                    macs.append(gated.instance_macs())
+                    for s in gated.gates:
+                        kept[s.name].append(gated.active[s.name].double() / s.channels)
+        finally:
+            gated.remove()
+        layer = dict(gated.gates.layer_macs)
+        weights = {s.name: float(sum(layer.get(n, 0) for n in (*s.producers, s.name))) for s in gated.gates}
+        m = torch.cat(macs).numpy()
+        stats = spread_stats({n: torch.cat(v).numpy() for n, v in kept.items()}, weights)
+        out_rows.append({"variant": variant, "target": target, "budget": budget,
+                         "macs_p90_over_p10": float(np.percentile(m, 90) / np.percentile(m, 10)), **stats})
+    if not out_rows:
+        raise SystemExit(f"cifar10_gates: error: no trained row with threshold gates in {w}")
+    from instaprune.core.io import atomic_write_json
+
+    return atomic_write_json(w / "spread.json", {"meta": meta, "rows": out_rows})
+
+
 # ------------------------------------------------------------------------------------------------ report
 def report(model: str, work: Path, results: Path = Path("results")) -> Path:
     from cifar10_study import paired_bootstrap  # the first study's paired bootstrap (10,000 resamples)
@@ -519,6 +589,21 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
             md.append(f"| {r['variant']} | {r['target']} | {r['budget']} | {r['multiplier']} | "
                       f"{r['gated_top1']:.4f} | {r['frozen_top1']:.4f} | {100 * d['diff']:+.2f} "
                       f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {r['switching_channels']:.3f} |")
+    sp = _load(w / "spread.json")  # this script's spread run (python benchmarks/cifar10_gates.py spread)
+    if sp is not None:
+        _, said = _runs_said(sp["meta"])
+        md += ["", f"Why per-image budgets stay narrow ({said}): threshold-gated rows on the test split; per gate, "
+               "the kept fraction per image (the median over gates of its p10 and p90); coherence = sd of the "
+               "per-image gated MACs / the sum of the gates' own MACs sds (1: the gates vary together; "
+               "1/sqrt(gates): independently, so their spreads average out).", "",
+               "| row | target | budget | per-image MACs p90/p10 | gates varying | gate keep p10 / p90 (median) | "
+               "mean pairwise r | coherence |", "|---" * 8 + "|"]
+        for r in sp["rows"]:
+            p10 = float(np.median([x["p10"] for x in r["gates"]]))
+            p90 = float(np.median([x["p90"] for x in r["gates"]]))
+            md.append(f"| {r['variant']} | {r['target']} | {r['budget']} | {r['macs_p90_over_p10']:.2f} | "
+                      f"{r['varying_gates']} of {len(r['gates'])} | {p10:.3f} / {p90:.3f} | "
+                      f"{_f(r['mean_pairwise_r'], 2)} | {_f(r['coherence'], 2)} |")
     path = atomic_write_text(results / f"cifar10_gates_{model}.md", "\n".join(md) + "\n")
     _plot(table, results / f"cifar10_gates_{model}.png", model, meta["baseline_top1"])
     return path
@@ -693,7 +778,7 @@ def _plot(table: list[dict], png: Path, model: str, base: float | None) -> None:
 @one_line_errors("cifar10_gates")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("run", "status", "report", "latency", "frozen"))
+    ap.add_argument("action", choices=("run", "status", "report", "latency", "frozen", "spread"))
     ap.add_argument("--model", choices=("resnet20", "resnet56"), required=True)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--lanes", type=int, default=2)
@@ -716,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.action == "frozen":
         print(frozen(a.model, a.work, a.new_only))
+        return 0
+    if a.action == "spread":
+        print(spread(a.model, a.work))
         return 0
     if a.action == "report":
         from cifar10_study import write_results_md  # RESULTS.md opens with study 2 (this script's tables)

@@ -193,3 +193,19 @@ def test_frozen_with_no_trained_row_fails_in_one_line_and_writes_nothing(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("cifar10_gates: error: no row to write in"), err
     assert not any(tmp_path.rglob("*"))
+
+
+def test_spread_stats_tell_gates_that_vary_together_from_gates_that_average_out():
+    rng = np.random.default_rng(0)
+    common = rng.random(4000)
+    together = {f"g{i}": 0.2 + 0.5 * common for i in range(9)}  # every gate follows one per-image difficulty
+    apart = {f"g{i}": 0.2 + 0.5 * rng.random(4000) for i in range(9)}  # each gate on its own
+    w = {f"g{i}": 1.0 + i for i in range(9)}
+    a, b = g.spread_stats(together, w), g.spread_stats(apart, w)
+    assert a["coherence"] == pytest.approx(1.0) and a["mean_pairwise_r"] == pytest.approx(1.0)
+    assert b["coherence"] < 0.5 and abs(b["mean_pairwise_r"]) < 0.05  # about 1/sqrt(9) with unequal weights
+    assert a["varying_gates"] == b["varying_gates"] == 9
+    assert a["gates"][0]["p10"] == pytest.approx(0.2 + 0.5 * np.percentile(common, 10))
+    fixed = {"c": np.full(10, 0.5), "v": np.linspace(0, 1, 10)}  # a constant gate: no r, and no NaN
+    c = g.spread_stats(fixed, {"c": 1.0, "v": 1.0})
+    assert c["varying_gates"] == 1 and c["mean_pairwise_r"] is None and c["coherence"] == pytest.approx(1.0)
