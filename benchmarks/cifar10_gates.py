@@ -549,7 +549,8 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {_f(r['static_reduction'], 3)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
-    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r and "+" not in r["variant"]]
+    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r and "+" not in r["variant"]
+            and r["variant"] not in STATIC]  # not static L1 without distillation: it is no gated row
     if fits:  # the trained gated rows against their static pairs: fit on the training set, and the test split
         below = sum(r["train_minus_static"] < 0 for r in fits)
         md += ["", f"Fit under the masks: {below} of {len(fits)} trained gated rows fit the training set less well "

@@ -140,6 +140,10 @@ def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp
 
     stage("static_0.6_short", {"metrics.json": {"val_top1": 0.87}})
     (w / "static_0.6_short" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_top1": 0.84}) + "\n")
+    stage("static_nodistill_0.6_short", {"metrics.json": {"val_top1": 0.85}})  # static too: no gated row
+    (w / "static_nodistill_0.6_short" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_top1": 0.8}) + "\n")
+    stage("ev_static_nodistill_0.6_short", {"metrics.json": {"dense_top1": float(gated_correct.mean())}})
+    np.savez(w / "ev_static_nodistill_0.6_short" / "per_image.npz", dense_correct=gated_correct)
     stage("ev_static_0.6_short", {"metrics.json": {"dense_top1": float(static_correct.mean())}})
     np.savez(w / "ev_static_0.6_short" / "per_image.npz", dense_correct=static_correct)
     stage("gates_value_0.6_short", {"metrics.json": {"calibration": {"top1": 0.86}},
@@ -154,7 +158,7 @@ def test_report_pairs_rows_with_static_and_reads_each_gated_rows_static_part(tmp
         np.savez(w / name / "per_image.npz", correct=gated_correct, flops=np.full(400, 1.0))
     g.report("resnet20", work, results)
     rows = {r["variant"]: r for r in json.loads((results / "cifar10_gates_resnet20.json").read_text())["rows"]}
-    assert set(rows) == {"static", "gates_value", "gates_value+slimoff"}
+    assert set(rows) == {"static", "static_nodistill", "gates_value", "gates_value+slimoff"}
     assert rows["static"]["static_reduction"] is None and "minus_static" not in rows["static"]
     assert rows["gates_value"]["static_reduction"] == 0.0
     assert rows["gates_value+slimoff"]["static_reduction"] == 0.55
