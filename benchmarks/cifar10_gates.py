@@ -454,9 +454,11 @@ def spread(model: str, work: Path) -> Path:
         stats = spread_stats({n: torch.cat(v).numpy() for n, v in kept.items()}, weights)
         out_rows.append({"variant": variant, "target": target, "budget": budget,
                          "macs_p90_over_p10": float(np.percentile(m, 90) / np.percentile(m, 10)), **stats})
-    if not out_rows:
-        raise SystemExit(f"cifar10_gates: error: no trained row with threshold gates in {w}")
+    from instaprune.core.errors import ConfigError
     from instaprune.core.io import atomic_write_json
+
+    if not out_rows:
+        raise ConfigError(f"no trained row with threshold gates in {w}")
 
     return atomic_write_json(w / "spread.json", {"meta": meta, "rows": out_rows})
 

@@ -213,3 +213,11 @@ def test_spread_stats_tell_gates_that_vary_together_from_gates_that_average_out(
     fixed = {"c": np.full(10, 0.5), "v": np.linspace(0, 1, 10)}  # a constant gate: no r, and no NaN
     c = g.spread_stats(fixed, {"c": 1.0, "v": 1.0})
     assert c["varying_gates"] == 1 and c["mean_pairwise_r"] is None and c["coherence"] == pytest.approx(1.0)
+
+
+def test_spread_with_no_threshold_row_fails_in_one_line_and_writes_nothing(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(g.ROOT)
+    code = g.main(["spread", "--model", "resnet20", "--work", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cifar10_gates: error: no trained row with threshold"), err
+    assert not any(tmp_path.rglob("*"))
