@@ -444,8 +444,9 @@ def spread(model: str, work: Path) -> Path:
                 for x, _ in test:
                     gated(x)
                     macs.append(gated.instance_macs())
+                    fin, _ = gated.fractions()  # each gated input's kept fraction per image
                     for s in gated.gates:
-                        kept[s.name].append(gated.active[s.name].double() / s.channels)
+                        kept[s.name].append(fin[s.name])
         finally:
             gated.remove()
         layer = dict(gated.gates.layer_macs)
@@ -459,7 +460,6 @@ def spread(model: str, work: Path) -> Path:
 
     if not out_rows:
         raise ConfigError(f"no trained row with threshold gates in {w}")
-
     return atomic_write_json(w / "spread.json", {"meta": meta, "rows": out_rows})
 
 
@@ -551,8 +551,9 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {_f(r['static_reduction'], 3)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
-    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r and "+" not in r["variant"]
-            and r["variant"] not in STATIC]  # not static L1 without distillation: it is no gated row
+    # trained gated rows only: not slim-off rows (their trained row's fit), not static L1 without distillation
+    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r
+            and not r["variant"].endswith("+slimoff") and r["variant"] not in STATIC]
     if fits:  # the trained gated rows against their static pairs: fit on the training set, and the test split
         below = sum(r["train_minus_static"] < 0 for r in fits)
         md += ["", f"Fit under the masks: {below} of {len(fits)} trained gated rows fit the training set less well "
