@@ -318,6 +318,16 @@ def latency(model: str, work: Path, images: int = 200, pairs: int = 7, new_only:
 SWITCHING = (0.01, 0.99)
 
 
+def _gated(net: Any, plan: Any, example: Any) -> Any:
+    """A trained row's network in eval mode with the gates its ``plan`` records attached (found by tracing
+    ``example``, one batch of its inputs); the caller calls ``.remove()``. Shared by :func:`frozen` and
+    :func:`spread`."""
+    from instaprune.method.gates import find_gates, gated_from_plan
+
+    net = net.eval()
+    return gated_from_plan(net, find_gates(net, example), plan.gates, plan.scale)
+
+
 def frozen_masks(usage: dict[str, Any]) -> dict[str, Any]:
     """Per gate, the static mask of its ``k`` most used channels, ``k`` = its mean kept count (the sum of the
     channels' usage fractions, rounded, at least 1): the frozen selection with the gates' mean MACs."""
@@ -340,7 +350,7 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
     import torch
 
     from cifar10_study import paired_bootstrap
-    from instaprune.method.gates import channel_usage, find_gates, gated_from_plan
+    from instaprune.method.gates import channel_usage
     from instaprune.method.plan import Plan
     from instaprune.pipeline.stages import cached_batches, load_model, load_split
 
@@ -361,8 +371,7 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
             held = cached_batches(load_split(TRAIN_DATA, lm.pre, HOLDOUT, "holdout", 0), lm.pre)
             test = cached_batches(load_split(TEST_DATA, lm.pre), lm.pre)
         plan = Plan.load(w / name / "plan.json")
-        net = lm.model.eval()
-        gated = gated_from_plan(net, find_gates(net, held[0][0][:1]), plan.gates, plan.scale)
+        gated = _gated(lm.model, plan, held[0][0][:1])
         try:
             with torch.inference_mode():
                 usage = channel_usage(gated, held)
@@ -417,7 +426,6 @@ def spread(model: str, work: Path) -> Path:
     producers and consumer), beside the per-image MACs' p90/p10. Writes ``spread.json``."""
     import torch
 
-    from instaprune.method.gates import find_gates, gated_from_plan
     from instaprune.method.plan import Plan
     from instaprune.pipeline.stages import cached_batches, load_model, load_split
 
@@ -435,8 +443,7 @@ def spread(model: str, work: Path) -> Path:
         lm = load_model(model, ckpt)
         if test is None:
             test = cached_batches(load_split(TEST_DATA, lm.pre), lm.pre)
-        net = lm.model.eval()
-        gated = gated_from_plan(net, find_gates(net, test[0][0][:1]), plan.gates, plan.scale)
+        gated = _gated(lm.model, plan, test[0][0][:1])
         kept: dict[str, list[torch.Tensor]] = {s.name: [] for s in gated.gates}
         macs: list[torch.Tensor] = []
         try:
