@@ -15,8 +15,9 @@ bench_module("cifar10_study")  # report() imports its paired bootstrap as a sibl
 g = bench_module("cifar10_gates")
 
 
-def _holdout(work: Path, model: str, variant: str, top1: float, gated: bool = True) -> None:
-    d = work / model / g.tag(variant, g.CHOICE_TARGET, "short")
+def _holdout(work: Path, model: str, variant: str, top1: float, gated: bool = True,
+             target: float = g.CHOICE_TARGET) -> None:
+    d = work / model / g.tag(variant, target, "short")
     d.mkdir(parents=True)
     m = {"calibration": {"top1": top1}} if gated else {"val_top1": top1}
     (d / "metrics.json").write_text(json.dumps(m))
@@ -56,6 +57,15 @@ def test_resnet56_rows_follow_its_own_holdout_and_are_unique(tmp_path: Path, r56
     (tmp_path / "resnet20" / g.tag("static3q_gates_value", 0.6, "short") / "metrics.json").write_text(
         json.dumps({"calibration": {"top1": 0.8720}}))
     assert g.rows("resnet56", tmp_path)[8] == ("static3q_gates_value", 0.6, "short")
+    # at 80% ResNet-20's best row joins only where it beats static L1 on ResNet-20's holdout, before the long rows
+    _holdout(tmp_path, "resnet20", "gates_value", 0.79, target=0.8)
+    _holdout(tmp_path, "resnet20", "static", 0.80, gated=False, target=0.8)
+    assert ("gates_value", 0.8, "short") not in g.rows("resnet56", tmp_path) or r56_best == "gates_value"
+    (tmp_path / "resnet20" / g.tag("gates_value", 0.8, "short") / "metrics.json").write_text(
+        json.dumps({"calibration": {"top1": 0.81}}))
+    now = g.rows("resnet56", tmp_path)
+    assert ("gates_value", 0.8, "short") in now and len(now) == len(set(now))
+    assert now.index(("gates_value", 0.8, "short")) < min(i for i, r in enumerate(now) if r[2] == "long")
     names = [s.name for s in g.stages("resnet56", tmp_path)]
     assert len(names) == len(set(names))
     # every gated trained row has its slim-off row and both are evaluated
