@@ -102,6 +102,12 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def trained_gated(variant: str) -> bool:
+    """A row whose gates were trained: not static L1, and not a slim-off row (its trained row with the never-kept
+    channels removed, no training of its own)."""
+    return variant not in STATIC and not variant.endswith("+slimoff")
+
+
 def tag(variant: str, target: float, budget: str) -> str:
     return f"{variant}_{target}_{budget}"
 
@@ -368,8 +374,7 @@ def frozen(model: str, work: Path, new_only: bool = False) -> Path:
     for variant, target, budget, name in reported(model, work):
         ev = load_metrics(w / f"ev_{name}" / "metrics.json")
         ckpt = _weights(w / name)
-        if (variant.endswith("+slimoff") or variant in STATIC or (variant, target, budget) in have or ev is None
-                or ckpt is None):
+        if not trained_gated(variant) or (variant, target, budget) in have or ev is None or ckpt is None:
             continue
         lm = load_model(model, ckpt)
         if held is None:
@@ -440,7 +445,7 @@ def spread(model: str, work: Path) -> Path:
     out_rows, test = [], None
     for variant, target, budget, name in reported(model, work):
         ckpt = _weights(w / name)
-        if variant.endswith("+slimoff") or variant in STATIC or ckpt is None or not (w / name / "plan.json").is_file():
+        if not trained_gated(variant) or ckpt is None or not (w / name / "plan.json").is_file():
             continue
         plan = Plan.load(w / name / "plan.json")
         if plan.gates.config.selection != "threshold":
@@ -563,9 +568,7 @@ def report(model: str, work: Path, results: Path = Path("results")) -> Path:
                   f"{_f(r.get('spearman_flops_baseline_confidence'), 2)} | {_f(r['static_reduction'], 3)} | {ds} | "
                   f"{_f((r['cost_seconds'] or 0) / 60, 0)} / "
                   f"{_f(r['cpu_seconds'] / 60, 0) if r['cpu_seconds'] is not None else 'n/a'} |")
-    # trained gated rows only: not slim-off rows (their trained row's fit), not static L1 without distillation
-    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r
-            and not r["variant"].endswith("+slimoff") and r["variant"] not in STATIC]
+    fits = [r for r in table if "train_minus_static" in r and "minus_static" in r and trained_gated(r["variant"])]
     if fits:  # the trained gated rows against their static pairs: fit on the training set, and the test split
         below = sum(r["train_minus_static"] < 0 for r in fits)
         md += ["", f"Fit under the masks: {below} of {len(fits)} trained gated rows fit the training set less well "

@@ -99,6 +99,14 @@ def test_static_share_words_become_that_share_of_the_target(variant: str, static
     assert ("--target" in args) == (variant not in g.STATIC)
 
 
+@pytest.mark.parametrize(("variant", "trained"), [("gates", True), ("static_gates_value", True),
+                                                  ("static", False), ("static_nodistill", False),
+                                                  ("gates_value+slimoff", False), ("static_gates+slimoff", False)])
+def test_trained_gated_rows_are_neither_static_l1_nor_slim_off(variant: str, trained: bool):
+    assert g.trained_gated(variant) is trained
+    assert (variant in g.VARIANTS or variant.removesuffix("+slimoff") in g.VARIANTS)  # real variant names
+
+
 def _row(variant: str, target: float, budget: str, top1: float, red: float, diff: float | None = None) -> dict:
     return {"variant": variant, "target": target, "budget": budget, "top1": top1, "flops_reduction": red,
             "per_image_flops_p90_over_p10": None if variant == "static" else 1.0,
